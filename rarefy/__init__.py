@@ -1,0 +1,17 @@
+"""rarefy: capture a model as a graph, compress it with verified passes, lower it to
+ONNX Runtime or Triton. See README.md and ``rarefy passes``."""
+from . import passes
+from .api import optimize
+from .backends import compile_graph as compile
+from .backends.onnx_lowering import export_onnx
+from .ir import Calibration, Graph, capture, load
+from .ir.errors import (CalibrationError, CaptureError, InputMismatchError, LoadError, PassError, RarefyError,
+                        RecipeError, UnsupportedError, VerificationError)
+from .passes.report import Report
+
+__version__ = "0.1.0"
+__all__ = [
+    "capture", "load", "optimize", "compile", "export_onnx", "Graph", "Report", "Calibration", "passes",
+    "RarefyError", "CaptureError", "LoadError", "InputMismatchError", "UnsupportedError", "PassError",
+    "VerificationError", "CalibrationError", "RecipeError",
+]

@@ -1,0 +1,156 @@
+"""Lowering rarefy ops to ONNX Runtime operators, and writing ONNX artifacts.
+
+FX-dialect graphs are re-exported with ``torch.export`` (dynamic batch and sequence as at
+capture) and converted by ``torch.onnx.export(dynamo=True)`` with a custom translation
+table mapping each rarefy op onto ONNX Runtime operators through
+``onnxscript.values.Opset("com.microsoft", 1)``. onnxscript looks ops up in ``onnx.defs``,
+where ONNX Runtime's contrib ops are not registered, so each contrib op used gets an
+``OpSchema`` registered once (``contrib_schema``).
+
+``accuracy_level`` of MatMulNBits is 0 (unset: activations stay fp32 inside the kernel).
+ONNX Runtime's level 4 quantizes activations to int8 on the fly, which is faster but loses
+accuracy on some models (onnxruntime#29849: wrong tokens at the default level); rarefy's
+weight-only quantization promises weight error only, so it does not opt into that.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import defs
+
+from ..ir.errors import RarefyError, UnsupportedError
+from ..ir.graph import Graph, check_graph
+from ..ir.io import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+MSFT_DOMAIN = "com.microsoft"
+TRANSLATIONS: dict = {}  # torch op overload -> onnxscript translation function
+
+
+def onnx_translation(op):
+    """Register the ONNX translation of a rarefy op."""
+    def register(fn):
+        TRANSLATIONS[op] = fn
+        return fn
+
+    return register
+
+
+def contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
+                   types: list[tuple[str, list[str]]], attributes: list[tuple[str, str, bool]]) -> None:
+    """Register an ONNX Runtime contrib op's schema with onnx.defs (once) for onnxscript."""
+    if defs.has(name, MSFT_DOMAIN):
+        return
+    OpSchema = defs.OpSchema
+    optional = OpSchema.FormalParameterOption.Optional
+    attr_types = {"int": OpSchema.AttrType.INT, "float": OpSchema.AttrType.FLOAT, "ints": OpSchema.AttrType.INTS}
+    schema = OpSchema(
+        name, MSFT_DOMAIN, 1,
+        inputs=[OpSchema.FormalParameter(n, t, param_option=optional) if opt else OpSchema.FormalParameter(n, t)
+                for n, t, opt in inputs],
+        outputs=[OpSchema.FormalParameter(n, t) for n, t in outputs],
+        type_constraints=[(t, allowed, "") for t, allowed in types],
+        attributes=[OpSchema.Attribute(n, attr_types[kind], "", required=required) for n, kind, required in attributes],
+    )
+    defs.register_schema(schema)
+
+
+def msft_opset():
+    import onnxscript
+
+    return onnxscript.values.Opset(MSFT_DOMAIN, 1)
+
+
+# -- rarefy::matmul_nbits -> com.microsoft::MatMulNBits ---------------------------------------
+contrib_schema(
+    "MatMulNBits",
+    inputs=[("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
+            ("g_idx", "T4", True), ("bias", "T1", True)],
+    outputs=[("Y", "T1")],
+    types=[("T1", ["tensor(float)", "tensor(float16)"]), ("T2", ["tensor(uint8)", "tensor(int32)"]),
+           ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)"]), ("T4", ["tensor(int32)"])],
+    attributes=[("K", "int", True), ("N", "int", True), ("bits", "int", True), ("block_size", "int", True),
+                ("accuracy_level", "int", False)],
+)
+
+MATMUL_NBITS_BITS = (2, 4, 8)  # what ONNX Runtime's CPU MatMulNBits runs; 3 bits lowers to a dequant subgraph
+
+
+@onnx_translation(torch.ops.rarefy.matmul_nbits.default)
+def _matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size):
+    from onnxscript import opset18 as op
+
+    if bits not in MATMUL_NBITS_BITS:
+        raise UnsupportedError(
+            f"rarefy::matmul_nbits with bits={bits} has no MatMulNBits kernel in ONNX Runtime; "
+            f"supported: {MATMUL_NBITS_BITS}"
+        )
+    flat = op.Constant(value_ints=[-1])
+    zp = op.Reshape(zero_points, flat) if zero_points is not None else None
+    extra = [None, bias] if bias is not None else []
+    return msft_opset().MatMulNBits(x, qweight, op.Reshape(scales, flat), zp, *extra,
+                                    K=K, N=N, bits=bits, block_size=block_size, accuracy_level=0)
+
+
+# -- export -------------------------------------------------------------------------------------
+def to_onnx_model(graph: Graph) -> onnx.ModelProto:
+    """The ONNX model of a graph (FX: re-export and translate; ONNX: serialise)."""
+    if graph.dialect == "onnx":
+        import onnx_ir as ir
+
+        return ir.serde.serialize_model(graph.onnx)
+    from torch.export import Dim
+
+    args, kwargs = graph.meta["example_inputs"]
+    dims = graph.meta.get("dynamic_shapes") or {}
+    dynamic_shapes = {name: ({axis: Dim.DYNAMIC for axis in axes} if axes else None) for name, axes in dims.items()}
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            ep = torch.export.export(graph.fx, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes or None,
+                                     strict=False)
+            program = torch.onnx.export(ep, dynamo=True, custom_translation_table=dict(TRANSLATIONS),
+                                        optimize=True, verbose=False)
+    except RarefyError:
+        raise
+    except Exception as exc:
+        unsupported = _find_untranslated(graph)
+        hint = f" (ops without an ONNX translation: {unsupported})" if unsupported else ""
+        raise UnsupportedError(f"ONNX export of {graph.meta.get('source', 'graph')} failed: "
+                               f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from exc
+    log.debug(sink.getvalue())
+    return program.model_proto
+
+
+def _find_untranslated(graph: Graph) -> list[str]:
+    from ..ir.ops import is_rarefy_op
+
+    return sorted({str(n.target) for n in graph.fx.graph.nodes
+                   if n.op == "call_function" and is_rarefy_op(n.target) and n.target not in TRANSLATIONS})
+
+
+def export_onnx(graph: Graph, path, check: bool = True) -> Path:
+    """Write ``graph`` as an ONNX file, atomically, with recipe.json and report.json beside it."""
+    check_graph(graph, "rf.export_onnx")
+    path = Path(path)
+    if path.suffix != ".onnx":
+        raise RarefyError(f"rf.export_onnx: the path must end in .onnx, got {path}")
+    if path.exists() and path.is_dir():
+        raise RarefyError(f"rf.export_onnx: {path} is a directory")
+    proto = to_onnx_model(graph)
+    if check:
+        onnx.checker.check_model(proto)
+    with atomic_path(path, ".onnx") as tmp:
+        onnx.save_model(proto, str(tmp))
+    recipe = {"source": graph.meta.get("source"), "passes": graph.recipe}
+    atomic_write_text(path.parent / "recipe.json", json.dumps(recipe, indent=2))
+    if graph.report is not None:
+        graph.report.save(path.parent / "report.json")
+    return path

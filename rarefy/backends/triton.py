@@ -1,0 +1,71 @@
+"""The Triton backend: the FX graph with every rarefy op swapped for its Triton kernel.
+
+Kernels need a GPU, or ``TRITON_INTERPRET=1`` set before ``rarefy.kernels`` is first
+imported (the interpreter runs them on CPU tensors, slowly: for correctness, not speed).
+Ops without a kernel keep their torch reference, and ``kernels_used`` / ``fallbacks`` say
+which is which.
+"""
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+
+from ..ir.errors import UnsupportedError
+from ..ir.graph import Graph
+from ..ir.ops import is_rarefy_op
+
+KERNELS: dict = {}  # torch op overload -> "module:function" in rarefy.kernels
+
+
+def triton_kernel(op, path: str) -> None:
+    """Register the kernel that replaces ``op`` on the Triton backend."""
+    KERNELS[op] = path
+
+
+triton_kernel(torch.ops.rarefy.matmul_nbits.default, "rarefy.kernels.matmul_nbits:matmul_nbits")
+
+
+def _resolve(path: str):
+    import importlib
+
+    module, fn = path.split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def check_triton_available() -> None:
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    raise UnsupportedError(
+        "the triton backend needs a CUDA GPU, or TRITON_INTERPRET=1 set in the environment before "
+        "rarefy.kernels is imported (the interpreter runs the kernels on the CPU, for testing)"
+    )
+
+
+class TritonModule:
+    """A compiled graph whose rarefy ops call Triton kernels."""
+
+    backend = "triton"
+
+    def __init__(self, graph: Graph):
+        if graph.dialect != "fx":
+            raise UnsupportedError("the triton backend runs FX-dialect graphs (from rf.capture), not ONNX files")
+        check_triton_available()
+        self.signature = graph.signature
+        self.module = copy.deepcopy(graph.fx)
+        self.kernels_used, self.fallbacks = [], []
+        for node in self.module.graph.nodes:
+            if node.op != "call_function" or not is_rarefy_op(node.target):
+                continue
+            if node.target in KERNELS:
+                node.target = _resolve(KERNELS[node.target])
+                self.kernels_used.append(node.target.__name__)
+            else:
+                self.fallbacks.append(str(node.target))
+        self.module.recompile()
+
+    def __call__(self, *args, **kwargs):
+        self.signature.flatten(args, kwargs)  # same input checks as every backend
+        with torch.no_grad():
+            return self.module(*args, **kwargs)

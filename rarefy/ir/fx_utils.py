@@ -1,0 +1,53 @@
+"""Small, shared FX surgery helpers: tensor attributes in, unused ones out."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+
+def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def add_tensor(gm: torch.fx.GraphModule, hint: str, tensor: torch.Tensor) -> str:
+    """Register ``tensor`` as a buffer of the root module under a fresh name from ``hint``."""
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, tensor.detach().contiguous())
+    return name
+
+
+def get_attr_node(gm: torch.fx.GraphModule, before: torch.fx.Node, target: str | None) -> torch.fx.Node | None:
+    if target is None:
+        return None
+    with gm.graph.inserting_before(before):
+        return gm.graph.get_attr(target)
+
+
+def drop_unused_attrs(gm: torch.fx.GraphModule) -> int:
+    """Delete get_attr nodes without users, and the tensors no remaining node reads."""
+    graph = gm.graph
+    removed = 0
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            graph.erase_node(node)
+    used = {n.target for n in graph.nodes if n.op == "get_attr"}
+    used_ids = {id(get_tensor(gm, t)) for t in used}
+    for name, tensor in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name in used or id(tensor) in used_ids:
+            continue
+        owner_path, _, attr = name.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        if attr in owner._parameters:
+            del owner._parameters[attr]
+        elif attr in owner._buffers:
+            del owner._buffers[attr]
+        removed += 1
+    return removed

@@ -1,0 +1,6 @@
+"""rarefy passes, one module per family. Every pass class is importable from here."""
+from .base import Pass, PassResult, pass_class, registered_passes, select
+from .cleanup import EliminateDeadCode
+from .quantize import QuantizeWeights
+
+__all__ = ["Pass", "PassResult", "pass_class", "registered_passes", "select", "EliminateDeadCode", "QuantizeWeights"]
