@@ -2,8 +2,10 @@
 
 Capture goes through ``torch.export.export(..., strict=False)`` (``torch.fx.symbolic_trace``
 fails on every current Hugging Face model). Batch and sequence dimensions are dynamic by
-default: dimension 0 of every tensor input, dimension 1 of integer inputs (token ids,
-masks, positions) and of float inputs with three or more dimensions. Hugging Face caches
+default: dimension 0 of every tensor input, dimension 1 of 2-D integer inputs (token ids,
+masks, positions) and of 3-D float inputs ([batch, sequence, features]); image dimensions
+stay static. GPT-2-style ``Conv1D`` layers (``addmm`` with a [in, out] weight) are
+rewritten to ``aten.linear`` with the transposed weight, so every pass sees one linear form. Hugging Face caches
 are switched off for the capture and the model's config and training flag are restored
 afterwards, so the user's model is left exactly as it was.
 """
@@ -43,6 +45,7 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
         except Exception as exc:  # re-raised with the module that failed and the reason
             raise CaptureError(_explain_failure(model, exc)) from exc
         gm = ep.module()
+        _canonicalize_conv1d(gm)
         with torch.no_grad():
             out = gm(*args, **kwargs)
     leaves, in_spec = pytree.tree_flatten((tuple(args), kwargs))
@@ -57,6 +60,29 @@ def capture(model: torch.nn.Module, example_inputs: Any, dynamic_shapes: Any = N
         "example_inputs": (args, kwargs),
     }
     return Graph("fx", gm, signature, meta)
+
+
+def _canonicalize_conv1d(gm: torch.fx.GraphModule) -> None:
+    """addmm(bias, x2d, W[in, out]) with W and bias owned by the graph -> linear(x2d, W.T, bias)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.addmm.default or node.kwargs:
+            continue
+        bias, x, weight = node.args[:3]
+        if not all(isinstance(n, torch.fx.Node) and n.op == "get_attr" for n in (bias, weight)):
+            continue
+        owner_path, _, attr = weight.target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        transposed = torch.nn.Parameter(getattr(owner, attr).detach().t().contiguous(), requires_grad=False)
+        setattr(owner, attr, transposed)  # the graph's own module; the user's model keeps its tensor
+        users = [u for u in weight.users if u is not node]
+        if users:
+            raise CaptureError(f"Conv1D weight {weight.target} is read by other nodes too; cannot canonicalise")
+        with gm.graph.inserting_before(node):
+            linear = gm.graph.call_function(torch.ops.aten.linear.default, (x, weight, bias))
+        linear.meta = dict(node.meta)
+        node.replace_all_uses_with(linear)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 # -- the capture context: eval mode, caches off, everything restored ------------------------
@@ -107,8 +133,8 @@ def _default_dims(value: Any):
     if not isinstance(value, torch.Tensor) or value.dim() == 0:
         return None
     dims = {0: Dim.DYNAMIC}
-    if value.dim() >= 2 and (not value.is_floating_point() or value.dim() >= 3):
-        dims[1] = Dim.DYNAMIC
+    if (value.dim() == 2 and not value.is_floating_point()) or (value.dim() == 3 and value.is_floating_point()):
+        dims[1] = Dim.DYNAMIC  # token ids / masks [B, S], or embeddings [B, S, D]; images stay static
     return dims
 
 
