@@ -35,7 +35,7 @@ class Calibration:
     def __init__(self, batches: Iterable[Any], description: str = "user-provided batches"):
         if isinstance(batches, Calibration):
             batches, description = batches.batches, batches.description
-        if isinstance(batches, (torch.Tensor, dict, tuple)):
+        if isinstance(batches, (torch.Tensor, dict)) or (isinstance(batches, tuple) and batches):  # () is no batch
             batches = [batches]
         self.batches = list(batches) if batches is not None else []
         self.description = description

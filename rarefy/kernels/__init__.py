@@ -1,0 +1,3 @@
+"""Leaf math: Triton kernels, each with the pure-torch reference that is its test oracle and
+CPU fallback. Modules here import nothing else from rarefy; set ``TRITON_INTERPRET=1`` before
+importing one to run its kernel without a GPU."""
