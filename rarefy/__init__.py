@@ -4,9 +4,7 @@ from . import passes
 from .api import optimize
 from .backends import compile_graph as compile
 from .backends.onnx_lowering import export_onnx
-from .generate import generate
 from .ir import Calibration, Graph, capture, load
-from .ir.decoder import capture_decoder
 from .ir.errors import (CalibrationError, CaptureError, InputMismatchError, LoadError, PassError, RarefyError,
                         RecipeError, UnsupportedError, VerificationError)
 from .passes.report import Report
@@ -14,7 +12,7 @@ from .recipe import Recipe
 
 __version__ = "0.1.0"
 __all__ = [
-    "capture", "capture_decoder", "generate", "load", "optimize", "compile", "export_onnx", "Graph", "Report", "Recipe", "Calibration", "passes",
+    "capture", "load", "optimize", "compile", "export_onnx", "Graph", "Report", "Recipe", "Calibration", "passes",
     "RarefyError", "CaptureError", "LoadError", "InputMismatchError", "UnsupportedError", "PassError",
     "VerificationError", "CalibrationError", "RecipeError",
 ]
