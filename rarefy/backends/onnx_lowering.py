@@ -29,6 +29,8 @@ from ..ir.graph import Graph, check_graph
 from ..ir.io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
+# torch.onnx warns on every export that torchvision's ops cannot be registered; rarefy needs none
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 MSFT_DOMAIN = "com.microsoft"
 TRANSLATIONS: dict = {}  # torch op overload -> onnxscript translation function
@@ -41,6 +43,28 @@ def onnx_translation(op):
         return fn
 
     return register
+
+
+DECOMPOSITIONS: dict = {}  # torch op overload -> branch-free torch function, traced into standard ONNX ops
+
+
+def onnx_decomposition(op, fn) -> None:
+    """Lower a rarefy op by tracing ``fn`` (same signature, export-traceable torch) at ONNX export."""
+    DECOMPOSITIONS[op] = fn
+
+
+def _decomposed(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """``gm``, or a copy whose ops with a registered decomposition call it instead."""
+    if not any(n.op == "call_function" and n.target in DECOMPOSITIONS for n in gm.graph.nodes):
+        return gm
+    import copy
+
+    gm = copy.deepcopy(gm)
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in DECOMPOSITIONS:
+            node.target = DECOMPOSITIONS[node.target]
+    gm.recompile()
+    return gm
 
 
 def contrib_schema(name: str, inputs: list[tuple[str, str, bool]], outputs: list[tuple[str, str]],
@@ -87,11 +111,10 @@ MATMUL_NBITS_BITS = (2, 4, 8)  # what ONNX Runtime's CPU MatMulNBits runs; 3 bit
 def _matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size):
     from onnxscript import opset18 as op
 
-    if bits not in MATMUL_NBITS_BITS:
-        raise UnsupportedError(
-            f"rarefy::matmul_nbits with bits={bits} has no MatMulNBits kernel in ONNX Runtime; "
-            f"supported: {MATMUL_NBITS_BITS}"
-        )
+    if bits not in MATMUL_NBITS_BITS:  # no MatMulNBits kernel: dequantize with standard ops
+        from .onnx_quant import dequant_matmul_nbits
+
+        return dequant_matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size)
     flat = op.Constant(value_ints=[-1])
     zp = op.Reshape(zero_points, flat) if zero_points is not None else None
     extra = [None, bias] if bias is not None else []
@@ -114,7 +137,7 @@ def to_onnx_model(graph: Graph) -> onnx.ModelProto:
     sink = io.StringIO()
     try:
         with contextlib.redirect_stdout(sink):
-            ep = torch.export.export(graph.fx, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes or None,
+            ep = torch.export.export(_decomposed(graph.fx), tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes or None,
                                      strict=False)
             program = torch.onnx.export(ep, dynamo=True, custom_translation_table=dict(TRANSLATIONS),
                                         optimize=True, verbose=False)
@@ -133,7 +156,8 @@ def _find_untranslated(graph: Graph) -> list[str]:
     from ..ir.ops import is_rarefy_op
 
     return sorted({str(n.target) for n in graph.fx.graph.nodes
-                   if n.op == "call_function" and is_rarefy_op(n.target) and n.target not in TRANSLATIONS})
+                   if n.op == "call_function" and is_rarefy_op(n.target)
+                   and n.target not in TRANSLATIONS and n.target not in DECOMPOSITIONS})
 
 
 def export_onnx(graph: Graph, path, check: bool = True) -> Path:
@@ -154,3 +178,9 @@ def export_onnx(graph: Graph, path, check: bool = True) -> Path:
     if graph.report is not None:
         graph.report.save(path.parent / "report.json")
     return path
+
+
+from . import onnx_sparsity  # noqa: E402,F401  (registers the sparse linears' translations)
+from . import onnx_kv  # noqa: E402,F401  (registers the KV-cache ops' lowerings)
+from . import onnx_quant  # noqa: E402,F401  (registers the W8A8 linear's translation)
+from . import onnx_tokens  # noqa: E402,F401  (registers the token ops' lowerings)

@@ -1,0 +1,155 @@
+"""The pass pipeline: order validation, verification, budgets and rollback, reports,
+and the promise that the input graph is never modified (foundation, point 4)."""
+import json
+
+import pytest
+import torch
+
+import rarefy as rf
+from rarefy.passes.base import Pass, PassResult, select
+import tiny_models as tm
+
+
+def _graph():
+    model, example = tm.build("llama")
+    return rf.capture(model, example), example
+
+
+def _calibration(n=3):
+    return [tm.example_inputs("llama", batch=2, seq=8, seed=10 + i) for i in range(n)]
+
+
+class _Scale(Pass):
+    """Test-only lossy pass: multiplies every linear weight by ``factor``."""
+
+    def __init__(self, factor: float = 1.01, *, targets=None, ignore=None, budget=None):
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
+        self.factor = factor
+
+    def call(self, graph, ctx):
+        for site in graph.sites("linear"):
+            owner, _, attr = site.tensors["weight"].rpartition(".")
+            module = graph.fx.get_submodule(owner)
+            setattr(module, attr, torch.nn.Parameter(getattr(module, attr).detach() * self.factor))
+        return PassResult(graph, True, {"scaled": len(graph.sites("linear"))})
+
+
+class _BrokenExact(_Scale):
+    """Test-only pass that claims to be exact but is not."""
+
+    exact = True
+
+
+def test_optimize_returns_new_graph_and_never_mutates_input():
+    g, example = _graph()
+    before_code = g.fx.code
+    before = {k: v.clone() for k, v in g.fx.state_dict().items()}
+    out = rf.optimize(g, [rf.passes.QuantizeWeights(bits=8)], calibration=_calibration(), progress=False)
+    assert out is not g and g.report is None
+    assert g.fx.code == before_code
+    assert all(torch.equal(before[k], v) for k, v in g.fx.state_dict().items())
+    assert "rarefy.matmul_nbits" in out.fx.code
+    assert out.recipe == [{"pass": "QuantizeWeights", "bits": 8}]
+
+
+def test_report_measures_each_pass_against_the_original():
+    g, _ = _graph()
+    out = rf.optimize(g, [rf.passes.EliminateDeadCode(), rf.passes.QuantizeWeights(bits=4, group_size=16)],
+                      calibration=_calibration(), progress=False)
+    rows = out.report.rows
+    assert [r.name for r in rows] == ["<input>", "EliminateDeadCode", "QuantizeWeights"]
+    assert rows[1].max_abs_error == 0.0
+    q = rows[2]
+    assert q.stats["quantized_linear"] == 15
+    # int4 group 16 on random weights: SQNR of the logits well above 10 dB, well below exact
+    assert 10 < q.sqnr_db < 60 and q.cosine > 0.95
+    assert q.param_bytes < rows[1].param_bytes
+    table = out.report.table()
+    assert "QuantizeWeights(bits=4, group_size=16)" in table and "calibration:" in table and "evaluation:" in table
+
+
+def test_report_save_and_load_round_trip(tmp_path):
+    g, _ = _graph()
+    out = rf.optimize(g, [rf.passes.EliminateDeadCode()], calibration=_calibration(), progress=False)
+    path = out.report.save(tmp_path / "report.json")
+    data = json.loads(path.read_text())
+    assert data["passes"][1]["spec"]["pass"] == "EliminateDeadCode"
+    loaded = rf.Report.load(path)
+    assert [r.name for r in loaded.rows] == [r.name for r in out.report.rows]
+    assert loaded.rows[1].sqnr_db == float("inf")
+
+
+def test_exact_pass_beyond_tolerance_raises():
+    g, _ = _graph()
+    with pytest.raises(rf.VerificationError, match="_BrokenExact is exact but changed the outputs"):
+        rf.optimize(g, [_BrokenExact(1.5)], calibration=_calibration(), progress=False)
+
+
+def test_budget_rolls_back_a_lossy_pass_and_says_why():
+    g, _ = _graph()
+    out = rf.optimize(g, [_Scale(1.5, budget={"min_sqnr_db": 40}), rf.passes.EliminateDeadCode()],
+                      calibration=_calibration(), progress=False)
+    row = out.report.row("_Scale")
+    assert row.status.startswith("rolled back: SQNR") and "< budget 40 dB" in row.status
+    assert out.report.rows[-1].max_abs_error == 0.0  # the next pass ran on the rolled-back graph
+    assert [s["pass"] for s in out.recipe] == ["EliminateDeadCode"]
+
+
+def test_pipeline_wide_budget_keeps_passes_within_it():
+    g, _ = _graph()
+    out = rf.optimize(g, [_Scale(1.001)], calibration=_calibration(), budget={"min_cosine": 0.99}, progress=False)
+    assert out.report.row("_Scale").status == "applied"
+
+
+def test_order_constraint_is_checked_not_reordered():
+    class _First(_Scale):
+        must_run_before = ("EliminateDeadCode",)
+
+    g, _ = _graph()
+    with pytest.raises(rf.PassError, match="_First must run before EliminateDeadCode"):
+        rf.optimize(g, [rf.passes.EliminateDeadCode(), _First()], calibration=_calibration(), progress=False)
+
+
+def test_failures_name_the_pass_and_the_passes_before_it():
+    g, _ = _graph()
+    with pytest.raises(rf.UnsupportedError, match=r"QuantizeWeights: .*no linear sites match.*after passes: \['EliminateDeadCode'\]"):
+        rf.optimize(g, [rf.passes.EliminateDeadCode(), rf.passes.QuantizeWeights(targets="nothing.*")],
+                    calibration=_calibration(), progress=False)
+
+
+def test_selector_globs_and_regex():
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.up_proj", "lm_head"]
+    chosen, skipped = select(names, ["*self_attn*", "re:^lm_"], ["*q_proj"])
+    assert chosen == ["lm_head"]
+    assert skipped == {"model.layers.0.self_attn.q_proj": "matched by ignore",
+                       "model.layers.0.mlp.up_proj": "not matched by targets"}
+
+
+def test_quantize_weights_skips_ignored_with_reason():
+    g, _ = _graph()
+    out = rf.optimize(g, [rf.passes.QuantizeWeights(bits=8, ignore=["lm_head"])], calibration=_calibration(),
+                      progress=False)
+    row = out.report.row("QuantizeWeights")
+    assert row.stats == {"quantized_linear": 14, "skipped": 1}
+    assert row.notes == ["lm_head: skipped (matched by ignore)"]
+
+
+def test_calibration_statistics_are_block_by_block_and_exact():
+    from rarefy.ir.calibration import linear_input_stats
+
+    g, _ = _graph()
+    batches = _calibration(2)
+    sites = [s for s in g.sites("linear") if s.name.endswith("layers.1.mlp.down_proj")]
+    stats = linear_input_stats(g, batches, sites, ("sum_sq", "gram", "abs_max"), progress=False)
+    captured = []
+    model, _ = tm.build("llama")
+    hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    for b in batches:
+        model(**b)
+    hook.remove()
+    x = torch.cat([c.reshape(-1, c.shape[-1]) for c in captured]).double()
+    s = stats["model.layers.1.mlp.down_proj"]
+    assert s["count"].item() == x.shape[0]
+    assert torch.allclose(s["sum_sq"], (x * x).sum(0), rtol=1e-6)
+    assert torch.allclose(s["gram"], x.T @ x, rtol=1e-6, atol=1e-9)
+    assert torch.allclose(s["abs_max"], x.abs().amax(0))
