@@ -25,6 +25,7 @@ def triton_kernel(op, path: str) -> None:
 
 
 triton_kernel(torch.ops.rarefy.matmul_nbits.default, "rarefy.kernels.matmul_nbits:matmul_nbits")
+triton_kernel(torch.ops.rarefy.linear_sparse24.default, "rarefy.kernels.sparse24:sparse24_matmul")
 
 
 def _resolve(path: str):

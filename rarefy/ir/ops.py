@@ -47,3 +47,32 @@ def _matmul_nbits_fake(x, qweight, scales, zero_points, bias, K, N, bits, block_
 def is_rarefy_op(target) -> bool:
     """True for a call target in the rarefy dialect (any overload of torch.ops.rarefy.*)."""
     return getattr(target, "namespace", None) == "rarefy"
+
+
+# -- sparse linears (passes/sparsity.py) -------------------------------------------------------
+# rarefy::linear_sparse24(x, values, indices, bias, K): 2:4 sparse weight compressed as in
+# rarefy.kernels.sparse24 (values [N, K/2], 2-bit in-group positions uint8 [N, K/8]).
+# rarefy::linear_masked(x, values, mask, bias, N, K): any sparse weight as kept values [nnz]
+# plus a 1-bit mask uint8 [N, ceil(K/8)], as in rarefy.kernels.bitmask.
+@torch.library.custom_op("rarefy::linear_sparse24", mutates_args=())
+def linear_sparse24(x: Tensor, values: Tensor, indices: Tensor, bias: Optional[Tensor], K: int) -> Tensor:
+    from rarefy.kernels.sparse24 import sparse24_matmul_reference
+
+    return sparse24_matmul_reference(x, values, indices, bias, K)
+
+
+@linear_sparse24.register_fake
+def _linear_sparse24_fake(x, values, indices, bias, K):
+    return x.new_empty((*x.shape[:-1], values.shape[0]))
+
+
+@torch.library.custom_op("rarefy::linear_masked", mutates_args=())
+def linear_masked(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[Tensor], N: int, K: int) -> Tensor:
+    from rarefy.kernels.bitmask import masked_linear_reference
+
+    return masked_linear_reference(x, values, mask, bias, N, K)
+
+
+@linear_masked.register_fake
+def _linear_masked_fake(x, values, mask, bias, N, K):
+    return x.new_empty((*x.shape[:-1], N))

@@ -4,3 +4,5 @@ from .cleanup import EliminateDeadCode
 from .quantize import QuantizeWeights
 
 __all__ = ["Pass", "PassResult", "pass_class", "registered_passes", "select", "EliminateDeadCode", "QuantizeWeights"]
+from .layers import DropLayers  # noqa: E402
+from .sparsity import Sparsify  # noqa: E402
