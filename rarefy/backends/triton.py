@@ -26,6 +26,7 @@ def triton_kernel(op, path: str) -> None:
 
 triton_kernel(torch.ops.rarefy.matmul_nbits.default, "rarefy.kernels.matmul_nbits:matmul_nbits")
 triton_kernel(torch.ops.rarefy.linear_sparse24.default, "rarefy.kernels.sparse24:sparse24_matmul")
+triton_kernel(torch.ops.rarefy.gather_tokens.default, "rarefy.kernels.token_gather:gather_tokens")
 
 
 def _resolve(path: str):

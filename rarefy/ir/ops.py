@@ -76,3 +76,86 @@ def linear_masked(x: Tensor, values: Tensor, mask: Tensor, bias: Optional[Tensor
 @linear_masked.register_fake
 def _linear_masked_fake(x, values, mask, bias, N, K):
     return x.new_empty((*x.shape[:-1], N))
+
+
+# -- tokens (passes/tokens.py: PruneTokens, MergeTokens) ------------------------------------------
+# Math and shapes in rarefy/kernels/token_select.py; the gather is rarefy/kernels/token_gather.py.
+@torch.library.custom_op("rarefy::token_scores", mutates_args=())
+def token_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+                 last_query: bool) -> tuple[Tensor, Tensor]:
+    from rarefy.kernels.token_select import attention_received
+
+    return attention_received(q, k, mask, scale, is_causal, last_query)
+
+
+@token_scores.register_fake
+def _token_scores_fake(q, k, mask, scale, is_causal, last_query):
+    B, S = q.shape[0], k.shape[2]
+    return q.new_empty((B, S), dtype=torch.float32), q.new_empty((B, S), dtype=torch.bool)
+
+
+@torch.library.custom_op("rarefy::select_tokens", mutates_args=())
+def select_tokens(scores: Tensor, valid: Tensor, num: int, den: int, keep_first: bool, keep_last: bool) -> Tensor:
+    from rarefy.kernels.token_select import select_tokens as ref
+
+    return ref(scores, valid, num, den, keep_first, keep_last)
+
+
+@select_tokens.register_fake
+def _select_tokens_fake(scores, valid, num, den, keep_first, keep_last):
+    return scores.new_empty((scores.shape[0], (scores.shape[1] * num + den - 1) // den), dtype=torch.int64)
+
+
+@torch.library.custom_op("rarefy::gather_tokens", mutates_args=())
+def gather_tokens(hidden: Tensor, index: Tensor) -> Tensor:
+    from rarefy.kernels.token_gather import gather_tokens_reference
+
+    return gather_tokens_reference(hidden, index)
+
+
+@gather_tokens.register_fake
+def _gather_tokens_fake(hidden, index):
+    return hidden.new_empty((index.shape[0], index.shape[1], hidden.shape[2]))
+
+
+@torch.library.custom_op("rarefy::gather_mask", mutates_args=())
+def gather_mask(mask: Tensor, index: Tensor) -> Tensor:
+    from rarefy.kernels.token_select import gather_mask as ref
+
+    return ref(mask, index)
+
+
+@gather_mask.register_fake
+def _gather_mask_fake(mask, index):
+    B, K = index.shape
+    return mask.new_empty((B, mask.shape[1], K if mask.shape[2] != 1 else 1, K))
+
+
+@torch.library.custom_op("rarefy::scatter_tokens", mutates_args=())
+def scatter_tokens(kept: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    from rarefy.kernels.token_select import scatter_tokens as ref
+
+    return ref(kept, index, valid)
+
+
+@scatter_tokens.register_fake
+def _scatter_tokens_fake(kept, index, valid):
+    return kept.new_empty((kept.shape[0], valid.shape[1], kept.shape[2]))
+
+
+@torch.library.custom_op("rarefy::merge_tokens", mutates_args=())
+def merge_tokens(hidden: Tensor, keys: Tensor, size: Optional[Tensor], valid: Optional[Tensor],
+                 slot: Optional[Tensor], mask: Optional[Tensor], r: int,
+                 protect_first: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from rarefy.kernels.token_select import merge_tokens as ref
+
+    return ref(hidden, keys, size, valid, slot, mask, r, protect_first)
+
+
+@merge_tokens.register_fake
+def _merge_tokens_fake(hidden, keys, size, valid, slot, mask, r, protect_first):
+    B, S, D = hidden.shape
+    n = S - r
+    slot = slot if slot is not None else hidden.new_empty((B, S), dtype=torch.int64)
+    return (hidden.new_empty((B, n, D)), hidden.new_empty((B, n), dtype=torch.float32),
+            hidden.new_empty((B, n), dtype=torch.bool), torch.empty_like(slot), hidden.new_empty((B, 1, 1, n)))

@@ -6,3 +6,5 @@ from .quantize import QuantizeWeights
 __all__ = ["Pass", "PassResult", "pass_class", "registered_passes", "select", "EliminateDeadCode", "QuantizeWeights"]
 from .layers import DropLayers  # noqa: E402
 from .sparsity import Sparsify  # noqa: E402
+from .tokens import PruneTokens  # noqa: E402
+from .tokens_merge import MergeTokens  # noqa: E402

@@ -1,0 +1,253 @@
+"""Token pruning as a graph rewrite: ``PruneTokens`` (``MergeTokens`` is in ``tokens_merge.py``).
+
+Encoders (BERT-like, ViT) — Zero-TPrune (Wang et al., 2024) / EViT (Liang et al., 2022):
+after block ``after_layer`` (1-based: the first ``after_layer`` blocks run on every token),
+tokens are ranked by the attention they receive in that block (mean over heads and real
+queries), the top ``keep`` fraction is kept — padding never outranks a real token, the first
+([CLS]) token is always kept — and the remaining blocks run on the kept hidden states and
+the kept rows/columns of their attention mask.
+
+Decoder prefill — FastV (Chen et al., 2024): after layer ``after_layer`` the prompt tokens the
+*last* token attends to most are kept, the last token always; the rotary tables (cos/sin,
+computed from the position ids) are gathered with the tokens, so kept tokens keep their
+original positions, and the kept indices stay in order so the causal mask still holds.
+
+Scores come from attention probabilities recomputed from the scoring block's q and k
+(``softmax(q k^T * scale + mask)``, ``rarefy::token_scores``), so this works on any capture:
+fused SDPA attention (the default of Hugging Face models) included. The kept count is
+``ceil(keep * S)`` of the runtime sequence length S (padding included, ranked last), so
+dynamic shapes survive.
+
+What a caller gets for per-token outputs:
+* encoders: the full ``[B, S, D]`` shape; kept tokens at their original positions with their
+  final states, pruned positions filled with the mean of the row's kept real tokens, so that
+  mean pooling over the original attention mask equals the mean over the kept tokens and
+  [CLS] pooling is untouched (``rarefy::scatter_tokens``);
+* decoders: logits for the kept positions only, ``[B, ceil(keep * S), V]``, in order; the last
+  position is the last prompt token, whose logits are what next-token prediction uses.
+
+New ops: ``rarefy::token_scores``, ``rarefy::select_tokens``, ``rarefy::gather_tokens`` (Triton
+kernel ``rarefy.kernels.token_gather``), ``rarefy::gather_mask``, ``rarefy::scatter_tokens``.
+Dialect: FX. Dtypes: fp32 / fp16 hidden states.
+"""
+from __future__ import annotations
+
+import operator
+from fractions import Fraction
+
+import torch
+
+from ..ir.errors import PassError, UnsupportedError
+from .base import Pass, PassResult
+
+aten = torch.ops.aten
+_SHAPE_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default}
+
+
+def is_decoder(graph) -> bool:
+    """A causal LM capture (prefill): decides FastV-style scoring and kept-only logits."""
+    config = graph.meta.get("config") or {}
+    source = str(graph.meta.get("source", ""))
+    return bool(config.get("is_decoder")) or "CausalLM" in source or "LMHead" in source \
+        or any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def token_blocks(graph, who: str) -> list:
+    """The graph's blocks that have an attention part; clear errors when there are none."""
+    blocks = graph.sites("block")
+    attention = {a.info["block"] for a in graph.sites("attention")}
+    if not blocks or not attention:
+        raise UnsupportedError(f"{who}: the graph has no attention sites (no transformer blocks found), "
+                               "so there are no tokens to prune or merge")
+    return [b for b in blocks if b.name in attention]
+
+
+def attention_call(block) -> dict:
+    """q, k, mask, scale and causality of the block's fused attention (aten SDPA)."""
+    for node in block.nodes:
+        if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
+            names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+            call = dict(zip(names, node.args))
+            call.update(node.kwargs)
+            q = call["query"]
+            scale = call.get("scale") or q.meta["val"].shape[-1] ** -0.5
+            return {"node": node, "q": q, "k": call["key"], "mask": call.get("attn_mask"),
+                    "scale": float(scale), "is_causal": bool(call.get("is_causal", False))}
+    raise UnsupportedError(
+        f"block {block.name} has no aten.scaled_dot_product_attention: token passes recompute scores "
+        "from a fused attention's q/k; capture with attn_implementation='sdpa'")
+
+
+def _same(value, seq) -> bool:
+    if isinstance(value, torch.SymInt) and isinstance(seq, torch.SymInt):
+        return value.node.expr == seq.node.expr
+    return not isinstance(value, torch.SymInt) and not isinstance(seq, torch.SymInt) and value == seq
+
+
+def _mentions(value, seq) -> bool:
+    if isinstance(value, torch.SymInt) and isinstance(seq, torch.SymInt):
+        return bool(value.node.expr.free_symbols & seq.node.expr.free_symbols)
+    return _same(value, seq)
+
+
+class TokenRegion:
+    """The blocks that run on fewer tokens, and the outside values they read that have a token axis.
+
+    Roles of those values: ``hidden`` (the residual stream entering the first shortened block),
+    ``seq`` (the symbolic sequence length), ``mask`` (4-D attention masks) and ``rows``
+    (per-token tables such as rotary cos/sin, [B|1, S, *]). A static sequence length written as
+    a literal in view/reshape/expand shapes (ViT) is replaced by a length node too.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, blocks: list, extra_nodes: list = ()):
+        self.gm = gm
+        self.nodes = [n for b in blocks for n in b.nodes] + list(extra_nodes)
+        self.node_set = set(self.nodes)
+        self.hidden = blocks[0].info["hidden_input"]
+        if self.hidden is None:
+            raise UnsupportedError(f"block {blocks[0].name}: no hidden-state input found")
+        self.seq = self.hidden.meta["val"].shape[1]
+        self.roles: dict[str, list] = {"seq": [], "mask": [], "rows": []}
+        for node in self.nodes:
+            for arg in node.all_input_nodes:
+                if arg in self.node_set or arg is self.hidden or arg.op == "get_attr":
+                    continue
+                role = self._role(arg)
+                if role and arg not in self.roles[role]:
+                    self.roles[role].append(arg)
+
+    def _role(self, node):
+        val = node.meta.get("val")
+        if isinstance(val, torch.SymInt):
+            if _same(val, self.seq):
+                return "seq"
+            if _mentions(val, self.seq):
+                raise UnsupportedError(f"{node.name} = {val} depends on the sequence length in a way the "
+                                       "token rewrite cannot follow")
+            return None
+        if not isinstance(val, torch.Tensor) or val.dim() < 2 or not any(_mentions(d, self.seq) for d in val.shape[1:]):
+            return None
+        if val.dim() == 4 and _same(val.shape[-1], self.seq):
+            return "mask"
+        if val.dim() == 3 and _same(val.shape[1], self.seq):
+            return "rows"
+        raise UnsupportedError(f"{node.name} {tuple(val.shape)} feeds the shortened blocks and has a token "
+                               "axis the token rewrite does not know how to gather")
+
+    def first_node(self) -> torch.fx.Node:
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        return min(self.nodes, key=order.__getitem__)
+
+    def reroute(self, old, new) -> None:
+        for node in self.nodes:
+            if old in node.all_input_nodes:
+                node.replace_input_with(old, new)
+
+    def replace_static_length(self, length: torch.fx.Node) -> int:
+        """Literal sequence lengths in shape arguments -> ``length``; returns how many."""
+        if isinstance(self.seq, torch.SymInt):
+            return 0
+        count = 0
+        for node in self.nodes:
+            if node.op == "call_function" and node.target in _SHAPE_OPS and isinstance(node.args[1], (list, tuple)):
+                shape = list(node.args[1])
+                hits = [i for i, d in enumerate(shape) if isinstance(d, int) and d == self.seq and i >= 1]
+                for i in hits:
+                    shape[i] = length
+                if hits:
+                    node.args = (node.args[0], shape, *node.args[2:])
+                    count += len(hits)
+        return count
+
+    def outside_users(self, node: torch.fx.Node) -> list:
+        return [u for u in node.users if u not in self.node_set]
+
+
+def call(graph: torch.fx.Graph, target, *args):
+    return graph.call_function(target, tuple(args))
+
+
+def nodes_after(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list:
+    """Every call_function node after ``node`` in graph order (the model's head after its blocks)."""
+    out, seen = [], False
+    for n in gm.graph.nodes:
+        if seen and n.op == "call_function":
+            out.append(n)
+        seen = seen or n is node
+    return out
+
+
+class PruneTokens(Pass):
+    """Keep the tokens that receive the most attention after one block (Zero-TPrune, EViT, FastV)."""
+
+    def __init__(self, keep: float, after_layer: int, score: str = "attention", *, targets=None, ignore=None,
+                 budget=None):
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+            raise PassError(f"PruneTokens: keep must be a fraction in (0, 1], got {keep!r}")
+        if isinstance(after_layer, bool) or not isinstance(after_layer, int) or after_layer < 1:
+            raise PassError(f"PruneTokens: after_layer must be an integer >= 1 (blocks run on every token "
+                            f"before pruning), got {after_layer!r}")
+        if score != "attention":
+            raise PassError(f"PruneTokens: score must be 'attention', got {score!r}")
+        self.keep, self.after_layer, self.score = float(keep), after_layer, score
+        fraction = Fraction(self.keep).limit_denominator(1000)
+        self.num, self.den = fraction.numerator, fraction.denominator
+
+    def requires(self, graph, ctx) -> None:
+        blocks = token_blocks(graph, self.name)
+        if self.after_layer >= len(blocks):
+            raise PassError(f"after_layer={self.after_layer} is beyond the depth: the graph has {len(blocks)} "
+                            f"blocks, so after_layer must be 1..{len(blocks) - 1} (at least one block must "
+                            "run on the kept tokens)")
+
+    def call(self, graph, ctx) -> PassResult:
+        blocks = token_blocks(graph, self.name)
+        scorer, shortened = blocks[self.after_layer - 1], blocks[self.after_layer:]
+        chosen, skipped = self.select([scorer.name])
+        if not chosen:
+            return PassResult(graph, False, {"skipped_scoring_block": 1},
+                              [f"{scorer.name}: {skipped[scorer.name]}; no tokens pruned"])
+        gm, decoder = graph.fx, is_decoder(graph)
+        attention = attention_call(scorer)
+        head = nodes_after(gm, shortened[-1].info["outputs"][-1]) if decoder else []
+        region = TokenRegion(gm, shortened, [n for n in head if n not in set(shortened[-1].nodes)])
+        g = gm.graph
+        with g.inserting_before(region.first_node()):
+            scored = call(g, torch.ops.rarefy.token_scores.default, attention["q"], attention["k"],
+                          attention["mask"], attention["scale"], attention["is_causal"], decoder)
+            scores, valid = call(g, operator.getitem, scored, 0), call(g, operator.getitem, scored, 1)
+            index = call(g, torch.ops.rarefy.select_tokens.default, scores, valid, self.num, self.den,
+                         not decoder, decoder)
+            hidden = call(g, torch.ops.rarefy.gather_tokens.default, region.hidden, index)
+            length = call(g, aten.sym_size.int, hidden, 1)
+            batch = call(g, aten.sym_size.int, region.hidden, 0)
+            region.reroute(region.hidden, hidden)
+            for node in region.roles["seq"]:
+                region.reroute(node, length)
+            for node in region.roles["mask"]:
+                region.reroute(node, call(g, torch.ops.rarefy.gather_mask.default, node, index))
+            for node in region.roles["rows"]:  # rotary tables: tokens keep their original positions
+                rows = call(g, aten.expand.default, node, [batch, -1, -1])
+                region.reroute(node, call(g, torch.ops.rarefy.gather_tokens.default, rows, index))
+        literals = region.replace_static_length(length)
+        restored = 0
+        if not decoder:
+            for out in shortened[-1].info["outputs"]:
+                users = region.outside_users(out)
+                with g.inserting_after(out):
+                    full = call(g, torch.ops.rarefy.scatter_tokens.default, out, index, valid)
+                for user in users:
+                    user.replace_input_with(out, full)
+                restored += 1
+        stats = {"blocks_on_kept_tokens": len(shortened), "masks_gathered": len(region.roles["mask"]),
+                 "rotary_tables_gathered": len(region.roles["rows"]), "outputs_restored": restored,
+                 "static_lengths_replaced": literals}
+        notes = [f"scores: attention received in {scorer.name}, recomputed from the q/k of "
+                 f"{attention['node'].name} ({'last query, FastV' if decoder else 'mean over heads and real queries'})",
+                 f"kept per row: ceil({self.keep} * S) tokens; "
+                 + ("the last token always kept, logits for kept positions only" if decoder else
+                    "[CLS] always kept, padding ranked last, outputs restored to full length")]
+        details = {"mode": "decoder" if decoder else "encoder", "scoring_block": scorer.name,
+                   "shortened_blocks": [b.name for b in shortened], "keep": self.keep}
+        return PassResult(graph, True, stats, notes, details)
