@@ -8,3 +8,4 @@ from .layers import DropLayers  # noqa: E402
 from .sparsity import Sparsify  # noqa: E402
 from .tokens import PruneTokens  # noqa: E402
 from .tokens_merge import MergeTokens  # noqa: E402
+from .prune import PruneChannels, PruneHeads  # noqa: E402
