@@ -4,6 +4,7 @@ from . import passes
 from .api import optimize
 from .backends import compile_graph as compile
 from .backends.onnx_lowering import export_onnx
+from .dynamo import dynamo_backend
 from .ir import Calibration, Graph, capture, load
 from .ir.errors import (CalibrationError, CaptureError, InputMismatchError, LoadError, PassError, RarefyError,
                         RecipeError, UnsupportedError, VerificationError)
@@ -14,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "capture", "load", "optimize", "compile", "export_onnx", "Graph", "Report", "Recipe", "Calibration", "passes",
     "RarefyError", "CaptureError", "LoadError", "InputMismatchError", "UnsupportedError", "PassError",
-    "VerificationError", "CalibrationError", "RecipeError",
+    "VerificationError", "CalibrationError", "RecipeError", "dynamo_backend",
 ]
