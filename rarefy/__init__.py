@@ -5,7 +5,9 @@ from .api import optimize
 from .backends import compile_graph as compile
 from .backends.onnx_lowering import export_onnx
 from .dynamo import dynamo_backend
+from .generate import generate
 from .ir import Calibration, Graph, capture, load
+from .ir.decoder import capture_decoder
 from .ir.errors import (CalibrationError, CaptureError, InputMismatchError, LoadError, PassError, RarefyError,
                         RecipeError, UnsupportedError, VerificationError)
 from .passes.report import Report
@@ -13,7 +15,8 @@ from .recipe import Recipe
 
 __version__ = "0.1.0"
 __all__ = [
-    "capture", "load", "optimize", "compile", "export_onnx", "Graph", "Report", "Recipe", "Calibration", "passes",
+    "capture", "capture_decoder", "generate", "load", "optimize", "compile", "export_onnx", "Graph", "Report",
+    "Recipe", "Calibration", "passes",
     "RarefyError", "CaptureError", "LoadError", "InputMismatchError", "UnsupportedError", "PassError",
     "VerificationError", "CalibrationError", "RecipeError", "dynamo_backend",
 ]

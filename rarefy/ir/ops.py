@@ -159,3 +159,91 @@ def _merge_tokens_fake(hidden, keys, size, valid, slot, mask, r, protect_first):
     slot = slot if slot is not None else hidden.new_empty((B, S), dtype=torch.int64)
     return (hidden.new_empty((B, n, D)), hidden.new_empty((B, n), dtype=torch.float32),
             hidden.new_empty((B, n), dtype=torch.bool), torch.empty_like(slot), hidden.new_empty((B, 1, 1, n)))
+
+
+# -- KV cache: one decode step of one layer (rf.capture_decoder / CompressKV) -----------------------
+# Math and layouts in rarefy/kernels/kv_cache.py; outputs are [B, T, H_q, Dh] for attention.
+@torch.library.custom_op("rarefy::cache_attention", mutates_args=())
+def cache_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor,
+                    cache_position: Tensor, scale: float) -> Tensor:
+    from rarefy.kernels.kv_cache import cache_attention as ref
+
+    return ref(q, k_new, v_new, k_cache, v_cache, cache_position, scale)
+
+
+@cache_attention.register_fake
+def _cache_attention_fake(q, k_new, v_new, k_cache, v_cache, cache_position, scale):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+
+@torch.library.custom_op("rarefy::cache_write", mutates_args=())
+def cache_write(k_cache: Tensor, v_cache: Tensor, k_new: Tensor, v_new: Tensor,
+                cache_position: Tensor) -> tuple[Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import cache_write as ref
+
+    return ref(k_cache, v_cache, k_new, v_new, cache_position)
+
+
+@cache_write.register_fake
+def _cache_write_fake(k_cache, v_cache, k_new, v_new, cache_position):
+    return torch.empty_like(k_cache), torch.empty_like(v_cache)
+
+
+@torch.library.custom_op("rarefy::kivi_attention", mutates_args=())
+def kivi_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                   v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, k_ring: Tensor, v_ring: Tensor,
+                   cache_position: Tensor, scale: float, bits: int, group_size: int, residual: int) -> Tensor:
+    from rarefy.kernels.kv_cache import kivi_attention as ref
+
+    return ref(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
+               cache_position, scale, bits, group_size, residual)
+
+
+@kivi_attention.register_fake
+def _kivi_attention_fake(q, *args):
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
+
+
+@torch.library.custom_op("rarefy::kivi_write", mutates_args=())
+def kivi_write(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor, v_zero: Tensor,
+               k_ring: Tensor, v_ring: Tensor, k_new: Tensor, v_new: Tensor, cache_position: Tensor, bits: int,
+               group_size: int, residual: int
+               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import kivi_write as ref
+
+    return ref(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new, cache_position,
+               bits, group_size, residual)
+
+
+@kivi_write.register_fake
+def _kivi_write_fake(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, *args):
+    return tuple(torch.empty_like(t) for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring))
+
+
+@torch.library.custom_op("rarefy::evict_attention", mutates_args=())
+def evict_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor,
+                    cache_position: Tensor, scale: float, observation: int) -> tuple[Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import evict_attention as ref
+
+    return ref(q, k_new, v_new, k_cache, v_cache, slot_pos, cache_position, scale, observation)
+
+
+@evict_attention.register_fake
+def _evict_attention_fake(q, k_new, v_new, k_cache, v_cache, slot_pos, cache_position, scale, observation):
+    B, H, C = slot_pos.shape
+    votes = q.new_empty((B, H, C + k_new.shape[2]), dtype=torch.float32)
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])), votes
+
+
+@torch.library.custom_op("rarefy::evict_write", mutates_args=())
+def evict_write(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, score: Tensor, k_new: Tensor, v_new: Tensor,
+                votes: Tensor, cache_position: Tensor, method: str, sinks: int, window: int, pool: int
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import evict_write as ref
+
+    return ref(k_cache, v_cache, slot_pos, score, k_new, v_new, votes, cache_position, method, sinks, window, pool)
+
+
+@evict_write.register_fake
+def _evict_write_fake(k_cache, v_cache, slot_pos, score, *args):
+    return tuple(torch.empty_like(t) for t in (k_cache, v_cache, slot_pos, score))

@@ -9,3 +9,4 @@ from .sparsity import Sparsify  # noqa: E402
 from .tokens import PruneTokens  # noqa: E402
 from .tokens_merge import MergeTokens  # noqa: E402
 from .prune import PruneChannels, PruneHeads  # noqa: E402
+from .kv import CompressKV  # noqa: E402

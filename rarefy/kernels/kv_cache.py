@@ -1,0 +1,301 @@
+"""Reference math of the KV-cache ops (``rarefy::cache_*``, ``kivi_*``, ``evict_*``), pure torch.
+
+Every function here is branch-free over tensor values (no ``.item()``, no data-dependent
+shapes), so it is at once the torch reference of its op, the CPU fallback of the Triton
+backend and, traced by ``torch.export``, its ONNX lowering (standard ONNX operators).
+
+Conventions of one decode step of one layer (``T`` new tokens at positions
+``cache_position = [L0, L0 + T)``, the same for every batch row):
+    q            [B, H_q, T, Dh]   queries (after RoPE)
+    k_new, v_new [B, H_kv, T, Dh]  keys (after RoPE, so a cached key never needs re-rotating) / values
+    attention output [B, T, H_q, Dh] (Hugging Face's layout after attention)
+The new chunk attends to itself causally in full precision and to the *past* (positions
+< L0) through the cache, whatever its layout. Writes are gathers (``slot <- new token``
+where one exists, else unchanged), never scatters, so tokens that fall out of a window in
+the same chunk cannot race.
+
+Layouts:
+* dense: ``k, v [B, H_kv, C, Dh]``; slot = position.
+* KIVI (Liu et al. 2024): values per token, quantized as they arrive, slot = position;
+  keys per channel over groups of ``G`` tokens, quantized a whole group at a time once it
+  leaves the full-precision window: positions ``< Q(L) = max(0, floor((L - R) / G)) * G``
+  are read from the codes, the rest from an fp ring of ``W = R + G`` slots (slot =
+  position mod W). Codes/scales use the packed layouts of ``kivi.py``.
+* eviction (H2O, SnapKV, StreamingLLM): ``k, v [B, H_kv, C, Dh]`` hold any C tokens,
+  ``slot_pos [B, H_kv, C]`` int64 their positions (-1 empty), ``score [B, H_kv, C]`` fp32
+  the method's priority. A write keeps the C best of the C + T candidates (old slots and
+  new tokens) with ``topk``: forced ones (sinks, recent window) first, then by score.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kivi import _check_bits_group, _quantize_groups
+
+__all__ = [
+    "cache_attention", "cache_write", "kivi_attention", "kivi_write", "quantized_count", "evict_attention",
+    "evict_write", "EVICTION_METHODS", "cache_attention_triton", "kivi_attention_triton",
+]
+
+EVICTION_METHODS = ("h2o", "snapkv", "streaming")
+
+
+# -- shared pieces ---------------------------------------------------------------------------
+def attend(q, k_past, v_past, past_valid, k_new, v_new, scale: float):
+    """Attention of the new chunk over (valid past slots) + (itself, causally).
+
+    ``past_valid`` broadcasts to [B, H_kv, S]. Returns (out [B, T, H_q, Dh], probs
+    [B, H_kv, rep, T, S + T] in fp32).
+    """
+    B, Hq, T, D = q.shape
+    H = k_new.shape[1]
+    rep = Hq // H
+    S = k_past.shape[2]
+    k = torch.cat([k_past.to(q.dtype), k_new], dim=2).unsqueeze(2)  # [B, H, 1, S+T, D]
+    v = torch.cat([v_past.to(q.dtype), v_new], dim=2).unsqueeze(2)
+    t = torch.arange(T, device=q.device)
+    causal = t[None, :] <= t[:, None]
+    valid = torch.cat([past_valid[..., None, :].expand(B, H, T, S), causal.expand(B, H, T, T)], dim=-1)
+    # query head h reads kv head h // rep (Hugging Face repeat_kv)
+    scores = torch.matmul(q.reshape(B, H, rep, T, D), k.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~valid[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    out = torch.matmul(probs.to(q.dtype), v)  # [B, H, rep, T, D]
+    return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous(), probs
+
+
+def write_slots(cache: torch.Tensor, new: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``cache[:, :, s] = new[:, :, source[s]]`` where ``source[s] >= 0``, else unchanged (dim 2)."""
+    picked = new.index_select(2, source.clamp(min=0)).to(cache.dtype)
+    keep = (source < 0).view(1, 1, -1, *([1] * (cache.dim() - 3)))
+    return torch.where(keep, cache, picked)
+
+
+def _start(cache_position: torch.Tensor) -> torch.Tensor:
+    return cache_position[:1]
+
+
+# -- KIVI layouts with integer arithmetic only (ONNX Runtime has no uint8 BitwiseAnd) -----------
+def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """``kivi.pack_codes``: LSB-first, 8 // bits codes per byte along ``dim``."""
+    per_byte = 8 // bits
+    c = codes.to(torch.int32).movedim(dim, -1)
+    c = c.reshape(*c.shape[:-1], c.shape[-1] // per_byte, per_byte)
+    weights = 2 ** (bits * torch.arange(per_byte, dtype=torch.int32, device=codes.device))
+    return (c * weights).sum(-1).to(torch.uint8).movedim(-1, dim)
+
+
+def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """``kivi.unpack_codes`` as float codes: byte // 2**(bits*j) mod 2**bits."""
+    per_byte = 8 // bits
+    p = packed.to(torch.int32).movedim(dim, -1)
+    divisors = 2 ** (bits * torch.arange(per_byte, dtype=torch.int32, device=packed.device))
+    codes = torch.remainder(torch.div(p[..., None], divisors, rounding_mode="floor"), 2 ** bits)
+    return codes.reshape(*p.shape[:-1], p.shape[-1] * per_byte).movedim(-1, dim).to(torch.float32)
+
+
+def quantize_keys(k, bits: int, group_size: int, scale_dtype):
+    """Per-channel keys over groups of tokens; same layout and values as ``kivi.quantize_keys``."""
+    _check_bits_group(bits, group_size)
+    *lead, t, d = k.shape
+    groups = k.reshape(*lead, t // group_size, group_size, d).transpose(-1, -2)
+    codes, scale, zero = _quantize_groups(groups, bits, scale_dtype)
+    return _pack(codes.transpose(-1, -2).reshape(*lead, t, d), bits, -2), scale, zero
+
+
+def dequantize_keys(codes, scale, zero, bits: int, group_size: int, dtype):
+    *lead, rows, d = codes.shape
+    c = _unpack(codes, bits, -2).reshape(*lead, rows * 8 // bits // group_size, group_size, d)
+    return (c * scale.float()[..., None, :] + zero.float()[..., None, :]).reshape(*lead, -1, d).to(dtype)
+
+
+def quantize_values(v, bits: int, group_size: int, scale_dtype):
+    """Per-token values over groups of channels; as ``kivi.quantize_values``."""
+    _check_bits_group(bits, group_size)
+    *lead, t, d = v.shape
+    codes, scale, zero = _quantize_groups(v.reshape(*lead, t, d // group_size, group_size), bits, scale_dtype)
+    return _pack(codes.reshape(*lead, t, d), bits, -1), scale, zero
+
+
+def dequantize_values(codes, scale, zero, bits: int, group_size: int, dtype):
+    *lead, t, cols = codes.shape
+    c = _unpack(codes, bits, -1).reshape(*lead, t, cols * 8 // bits // group_size, group_size)
+    return (c * scale.float()[..., None] + zero.float()[..., None]).reshape(*lead, t, -1).to(dtype)
+
+
+# -- dense cache -----------------------------------------------------------------------------
+def cache_attention(q, k_new, v_new, k_cache, v_cache, cache_position, scale: float):
+    """Dense static cache: slot j holds position j, valid while j < L0."""
+    past_valid = torch.arange(k_cache.shape[2], device=q.device) < _start(cache_position)
+    return attend(q, k_cache, v_cache, past_valid, k_new, v_new, scale)[0]
+
+
+def cache_write(k_cache, v_cache, k_new, v_new, cache_position):
+    """Write the chunk at slots [L0, L0 + T)."""
+    source = torch.arange(k_cache.shape[2], device=k_cache.device) - _start(cache_position)
+    source = torch.where(source < k_new.shape[2], source, -1)
+    return write_slots(k_cache, k_new, source), write_slots(v_cache, v_new, source)
+
+
+# -- KIVI ------------------------------------------------------------------------------------
+def quantized_count(length: torch.Tensor, residual: int, group_size: int) -> torch.Tensor:
+    """Q(L): how many leading positions have quantized keys once L tokens are cached."""
+    return torch.div(length - residual, group_size, rounding_mode="floor").clamp(min=0) * group_size
+
+
+def _ring_positions(length: torch.Tensor, ring: int, device) -> torch.Tensor:
+    """Position held by each ring slot once ``length`` tokens were written (negative: never)."""
+    s = torch.arange(ring, device=device)
+    return length - 1 - torch.remainder(length - 1 - s, ring)
+
+
+def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
+                   cache_position, scale: float, bits: int, group_size: int, residual: int):
+    """Attention over positions [0, Q(L0)) dequantized, [Q(L0), L0) from the fp ring, and the chunk."""
+    k_past, v_past, valid = _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
+                                       cache_position, bits, group_size, residual)
+    return attend(q, k_past, v_past, valid, k_new, v_new, scale)[0]
+
+
+def _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, cache_position, bits,
+               group_size, residual):
+    start = _start(cache_position)
+    q0 = quantized_count(start, residual, group_size)
+    k_q = dequantize_keys(k_codes, k_scale, k_zero, bits, group_size, dtype=k_ring.dtype)
+    v_q = dequantize_values(v_codes, v_scale, v_zero, bits, group_size, dtype=v_ring.dtype)
+    quant_valid = torch.arange(v_codes.shape[2], device=k_ring.device) < q0
+    ring_pos = _ring_positions(start, k_ring.shape[2], k_ring.device)
+    ring_valid = (ring_pos >= q0) & (ring_pos >= 0)
+    valid = torch.cat([quant_valid, ring_valid])
+    return torch.cat([k_q, k_ring], dim=2), torch.cat([v_q, v_ring], dim=2), valid
+
+
+def kivi_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new,
+               cache_position, bits: int, group_size: int, residual: int):
+    """Append the chunk: values quantized per token, both into the fp ring, whole key groups
+    that left the window quantized per channel. Returns the eight state tensors."""
+    G, T = group_size, k_new.shape[2]
+    ring = k_ring.shape[2]
+    start = _start(cache_position)
+    end = start + T
+    # values: per token, at slot = position
+    vc, vs, vz = quantize_values(v_new, bits, G, scale_dtype=v_scale.dtype)
+    source = torch.arange(v_codes.shape[2], device=k_new.device) - start
+    source = torch.where(source < T, source, -1)
+    v_codes, v_scale, v_zero = (write_slots(v_codes, vc, source), write_slots(v_scale, vs, source),
+                                write_slots(v_zero, vz, source))
+    # key groups [Q(L0), Q(L)) are complete: read them from old ring + chunk, quantize, store
+    q0, q1 = quantized_count(start, residual, G), quantized_count(end, residual, G)
+    n_groups = T // G + 1  # floor(x + T/G) - floor(x) <= T // G + 1
+    pos = q0 + torch.arange(n_groups * G, device=k_new.device)
+    source_w = torch.where(pos < start, torch.remainder(pos, ring), ring + pos - start).clamp(0, ring + T - 1)
+    window = torch.cat([k_ring.to(k_new.dtype), k_new], dim=2).index_select(2, source_w)
+    kc, ks, kz = quantize_keys(window, bits, G, scale_dtype=k_scale.dtype)
+    g = torch.arange(k_scale.shape[2], device=k_new.device)
+    j = g - torch.div(q0, G, rounding_mode="floor")
+    group_source = torch.where((j >= 0) & (j < n_groups) & (g * G < q1), j, -1)
+    k_scale, k_zero = write_slots(k_scale, ks, group_source), write_slots(k_zero, kz, group_source)
+    B, H, rows, D = k_codes.shape
+    per_group = G * bits // 8
+    k_codes = write_slots(k_codes.reshape(B, H, rows // per_group, per_group, D),
+                          kc.reshape(B, H, n_groups, per_group, D), group_source).reshape(B, H, rows, D)
+    # fp ring: the last W positions
+    ring_pos = _ring_positions(end, ring, k_new.device)
+    ring_source = torch.where(ring_pos >= start, ring_pos - start, -1)
+    k_ring, v_ring = write_slots(k_ring, k_new, ring_source), write_slots(v_ring, v_new, ring_source)
+    return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring
+
+
+# -- eviction --------------------------------------------------------------------------------
+def evict_attention(q, k_new, v_new, k_cache, v_cache, slot_pos, cache_position, scale: float,
+                    observation: int):
+    """Attention over the kept slots and the chunk; also the votes every candidate got.
+
+    votes [B, H_kv, C + T] fp32: attention probability received, summed over the query
+    heads of a kv head and over the last ``observation`` queries of the chunk (0: all).
+    """
+    out, probs = attend(q, k_cache, v_cache, slot_pos >= 0, k_new, v_new, scale)
+    T = q.shape[2]
+    t = torch.arange(T, device=q.device)
+    weight = (t >= T - observation).to(probs.dtype) if observation > 0 else torch.ones_like(t, dtype=probs.dtype)
+    votes = (probs * weight[:, None]).sum(dim=(2, 3))
+    return out, votes
+
+
+def evict_write(k_cache, v_cache, slot_pos, score, k_new, v_new, votes, cache_position, method: str,
+                sinks: int, window: int, pool: int):
+    """Keep the C best of the C + T candidates; returns (k, v, slot_pos, score)."""
+    B, H, C, D = k_cache.shape
+    T = k_new.shape[2]
+    end = cache_position[-1:] + 1
+    cand_pos = torch.cat([slot_pos, cache_position.view(1, 1, T).expand(B, H, T)], dim=2)
+    valid = cand_pos >= 0
+    if method == "h2o":  # accumulated attention: heavy hitters (Zhang et al. 2023)
+        priority = torch.cat([score, torch.zeros_like(votes[..., C:])], dim=2) + votes
+    elif method == "snapkv":  # observation-window votes, pooled over neighbouring positions (Li et al. 2024)
+        priority = _pool_by_position(votes, cand_pos, pool)
+    elif method == "streaming":  # attention sinks + most recent (Xiao et al. 2024)
+        priority = cand_pos.to(votes.dtype)
+    else:
+        raise ValueError(f"unknown eviction method {method!r}; choose one of {EVICTION_METHODS}")
+    forced = (cand_pos >= end - window) | (cand_pos < sinks)
+    rank = torch.where(forced, torch.full_like(priority, float("inf")), priority)
+    rank = torch.where(valid, rank, torch.full_like(priority, float("-inf")))
+    # ties (pooled votes make plateaus) go to the newer token, the same on every backend
+    keep = torch.topk(rank.double() + cand_pos.double() * 1e-9, C, dim=2).indices
+    index = keep[..., None].expand(B, H, C, D)
+    k = torch.gather(torch.cat([k_cache, k_new], dim=2), 2, index)
+    v = torch.gather(torch.cat([v_cache, v_new], dim=2), 2, index)
+    return k, v, torch.gather(cand_pos, 2, keep), torch.gather(priority, 2, keep)
+
+
+def _pool_by_position(votes: torch.Tensor, cand_pos: torch.Tensor, pool: int) -> torch.Tensor:
+    """Max-pool votes over candidates in position order (SnapKV's clustering), back in slot order."""
+    if pool <= 1:
+        return votes
+    order = torch.argsort(cand_pos, dim=2)
+    ranked = torch.gather(votes, 2, order)
+    N = ranked.shape[2]
+    half = pool // 2
+    pad = torch.zeros_like(ranked[..., :1]).expand(-1, -1, half)  # votes are >= 0
+    padded = torch.cat([pad, ranked, pad], dim=2)
+    pooled = padded[..., :N]  # a max over shifted copies: max_pool1d(kernel=pool, stride=1), export-safe
+    for offset in range(1, 2 * half + 1):
+        pooled = torch.maximum(pooled, padded[..., offset:offset + N])
+    return torch.gather(pooled, 2, torch.argsort(order, dim=2))
+
+
+# -- Triton adapters (decode steps, T = 1) ------------------------------------------------------
+def cache_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_position, scale: float):
+    """Dense cache through the Triton decode kernel; prefill (T > 1) uses the reference."""
+    if q.shape[2] != 1:
+        return cache_attention(q, k_new, v_new, k_cache, v_cache, cache_position, scale)
+    from .decode_attention import decode_attention
+
+    lengths = _start(cache_position).expand(q.shape[0])
+    out = decode_attention(q[:, :, 0].contiguous(), k_cache.contiguous(), None, None, v_cache.contiguous(),
+                           None, None, k_new.contiguous(), v_new.contiguous(), bits=None, group_size=1,
+                           scale=scale, lengths=lengths)
+    return out[:, None]
+
+
+def kivi_attention_triton(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
+                          cache_position, scale: float, bits: int, group_size: int, residual: int):
+    """KIVI cache through the Triton decode kernel (packed codes dequantized in registers)."""
+    args = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, cache_position)
+    if q.shape[2] != 1:
+        return kivi_attention(q, k_new, v_new, *args, scale, bits, group_size, residual)
+    from .decode_attention import decode_attention
+
+    start = _start(cache_position)
+    q0 = quantized_count(start, residual, group_size)
+    ring_pos = _ring_positions(start, k_ring.shape[2], q.device)
+    ring_valid = (ring_pos >= q0) & (ring_pos >= 0)
+    mask = torch.cat([torch.arange(v_codes.shape[2], device=q.device) < q0, ring_valid,
+                      torch.ones(1, dtype=torch.bool, device=q.device)])
+    B = q.shape[0]
+    out = decode_attention(q[:, :, 0].contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
+                           torch.cat([k_ring, k_new], dim=2), torch.cat([v_ring, v_new], dim=2),
+                           bits=bits, group_size=group_size, scale=scale,
+                           mask=mask[None].expand(B, -1).contiguous())
+    return out[:, None]

@@ -1,0 +1,169 @@
+"""KV-cache compression: ``CompressKV`` on decode steps from ``rf.capture_decoder``.
+
+``method="quantize"`` — KIVI (Liu et al. 2024, "KIVI: A Tuning-Free Asymmetric 2bit
+Quantization for KV Cache"): keys per channel over groups of ``group_size`` tokens, values
+per token over groups of ``group_size`` channels, 2 or 4 bits, asymmetric; the most recent
+tokens (at least ``residual``, fewer than ``residual + group_size``) stay in a full-precision
+ring (fp16, KIVI's "full precision", when the model is fp32). The state tensors are stored
+packed (layouts in ``rarefy/kernels/kivi.py``), so the cache bytes really shrink.
+
+Eviction to ``budget`` tokens per layer and kv head (the cache capacity becomes the budget,
+every write keeps the best ``budget`` of old slots + new tokens; keys are cached after RoPE,
+so a kept key never needs re-rotating):
+* ``h2o`` — Heavy-Hitter Oracle (Zhang et al. 2023): accumulated attention received, plus
+  the ``window`` most recent tokens.
+* ``snapkv`` — SnapKV (Li et al. 2024): votes of the last ``window`` queries of each chunk
+  (the observation window at the end of the prompt at prefill; the newest query when
+  decoding), max-pooled over ``pool`` neighbouring positions; the window itself is kept.
+* ``streaming`` — StreamingLLM (Xiao et al. 2024): ``sinks`` first tokens plus the most
+  recent ``budget - sinks``.
+
+Each layer's cache ops (``rarefy::cache_attention`` / ``cache_write``) and state tensors
+are swapped for the method's (``kivi_*`` / ``evict_*``, math in
+``rarefy/kernels/kv_cache.py``). Compression methods do not stack on one layer: a layer
+already compressed is skipped with its reason. Dialect: FX decode steps only.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ir.decoder import DecoderStep
+from ..ir.errors import RarefyError
+from ..kernels.kivi import SUPPORTED_BITS
+from ..kernels.kv_cache import EVICTION_METHODS
+from .base import Pass, PassResult
+from .kv_rewrite import StateTensor, rewrite_layer
+
+METHODS = ("quantize",) + EVICTION_METHODS
+
+
+class CompressKV(Pass):
+    """Compress the KV cache of a decode step: KIVI quantization or eviction to a budget."""
+
+    dialects = ("fx",)
+
+    def __init__(self, method: str = "quantize", bits: int | None = None, budget: int | None = None,
+                 group_size: int = 32, residual: int = 32, sinks: int | None = None, window: int | None = None,
+                 pool: int = 7, *, targets=None, ignore=None):
+        super().__init__(targets=targets, ignore=ignore)
+        if method not in METHODS:
+            raise RarefyError(f"CompressKV: unknown method {method!r}; choose one of {METHODS}")
+        self.method, self.bits, self.token_budget = method, bits, budget
+        self.group_size, self.residual, self.pool = group_size, residual, pool
+        if method == "quantize":
+            if bits not in SUPPORTED_BITS:
+                raise RarefyError(f"CompressKV(method='quantize') needs bits in {SUPPORTED_BITS}, got {bits!r}")
+            if budget is not None:
+                raise RarefyError("CompressKV(method='quantize') takes no budget; list an eviction CompressKV "
+                                  "pass for that")
+            if group_size < 8 // bits or group_size & (group_size - 1):
+                raise RarefyError(f"CompressKV: group_size={group_size} must be a power of two >= {8 // bits}")
+            if residual < 0 or residual % group_size:
+                raise RarefyError(f"CompressKV: residual={residual} must be a multiple of group_size={group_size}")
+            return
+        if bits is not None:
+            raise RarefyError(f"CompressKV(method={method!r}) evicts; quantizing an evicted cache is not supported")
+        if not isinstance(budget, int) or budget < 1:
+            raise RarefyError(f"CompressKV(method={method!r}) needs budget=<tokens per layer>, got {budget!r}")
+        self.sinks = sinks if sinks is not None else (4 if method == "streaming" else 0)
+        default_window = {"h2o": budget // 2, "snapkv": min(32, budget), "streaming": budget - self.sinks}[method]
+        self.window = window if window is not None else default_window
+        if self.sinks < 0 or self.window < 0 or budget < self.sinks + self.window:
+            raise RarefyError(f"CompressKV: budget={budget} is smaller than sinks ({self.sinks}) + window "
+                              f"({self.window})")
+
+    # -- checks before any work ------------------------------------------------------------------
+    def requires(self, graph, ctx) -> None:
+        decoder = graph.meta.get("decoder")
+        if not isinstance(graph, DecoderStep) or decoder is None:
+            raise RarefyError("CompressKV runs on a decode step with an explicit KV cache: capture the model with "
+                              "rf.capture_decoder(model, max_cache_len=...), not rf.capture")
+        capacity = decoder["capacity"]
+        if self.method != "quantize" and self.token_budget > capacity:
+            raise RarefyError(f"CompressKV: budget={self.token_budget} is larger than the cache "
+                              f"(max_cache_len={capacity})")
+        if self.method == "quantize" and decoder["head_dim"] % self.group_size:
+            raise RarefyError(f"CompressKV: group_size={self.group_size} must divide the head dim "
+                              f"{decoder['head_dim']} (values are grouped along channels)")
+
+    # -- the rewrite -----------------------------------------------------------------------------
+    def call(self, graph, ctx) -> PassResult:
+        entries = graph.meta["kv_cache"]
+        chosen, skipped = self.select([e["name"] for e in entries])
+        notes = [f"{name}: skipped, {why}" for name, why in skipped.items()]
+        stats = {"skipped_by_selector": len(skipped)}
+        bytes_before = graph.cache_bytes()
+        decoder = graph.meta["decoder"]
+        done = 0
+        for entry in entries:
+            if entry["name"] not in chosen:
+                continue
+            if entry["method"] != "dense":
+                notes.append(f"{entry['name']}: skipped, already compressed by {entry['method']}")
+                stats["skipped_already_compressed"] = stats.get("skipped_already_compressed", 0) + 1
+                continue
+            if self.method == "quantize":
+                self._quantize_layer(graph, entry, decoder)
+            else:
+                self._evict_layer(graph, entry, decoder)
+            done += 1
+        if not done:
+            return PassResult(graph, False, stats, notes)
+        if self.method != "quantize":
+            decoder["max_tokens"] = None  # an evicting cache never runs out of slots
+        stats[f"{self.method}_layers"] = done
+        bytes_after = graph.cache_bytes()
+        notes.append(f"cache bytes per sequence: {bytes_before} -> {bytes_after} "
+                     f"({bytes_after / bytes_before:.3f}x)")
+        return PassResult(graph, True, stats, notes, {"cache_bytes_before": bytes_before,
+                                                      "cache_bytes_after": bytes_after})
+
+    def _quantize_layer(self, graph, entry, decoder) -> None:
+        G, bits, i = self.group_size, self.bits, entry["layer"]
+        H, D = entry["num_kv_heads"], entry["head_dim"]
+        capacity = -(-entry["capacity"] // G) * G  # whole key groups
+        ring = self.residual + G
+        fp = getattr(torch, decoder["dtype"])
+        ring_dtype = torch.float16 if fp == torch.float32 else fp
+        state = [StateTensor(f"k_codes_{i}", (H, capacity * bits // 8, D), torch.uint8),
+                 StateTensor(f"k_scale_{i}", (H, capacity // G, D), torch.float16),
+                 StateTensor(f"k_zero_{i}", (H, capacity // G, D), torch.float16),
+                 StateTensor(f"v_codes_{i}", (H, capacity, D * bits // 8), torch.uint8),
+                 StateTensor(f"v_scale_{i}", (H, capacity, D // G), torch.float16),
+                 StateTensor(f"v_zero_{i}", (H, capacity, D // G), torch.float16),
+                 StateTensor(f"k_ring_{i}", (H, ring, D), ring_dtype),
+                 StateTensor(f"v_ring_{i}", (H, ring, D), ring_dtype)]
+        params = (bits, G, self.residual)
+
+        def attention(gm, q, k_new, v_new, position, scale, cache):
+            return gm.graph.call_function(torch.ops.rarefy.kivi_attention.default,
+                                          (q, k_new, v_new, *cache, position, scale, *params)), None
+
+        def write(gm, k_new, v_new, position, cache, votes):
+            return gm.graph.call_function(torch.ops.rarefy.kivi_write.default,
+                                          (*cache, k_new, v_new, position, *params))
+
+        rewrite_layer(graph, entry, state, attention, write)
+        entry.update(method=f"kivi{bits}", capacity=capacity, bits=bits, group_size=G, residual=self.residual)
+
+    def _evict_layer(self, graph, entry, decoder) -> None:
+        i, H, D, C = entry["layer"], entry["num_kv_heads"], entry["head_dim"], self.token_budget
+        fp = getattr(torch, decoder["dtype"])
+        state = [StateTensor(f"k_evict_{i}", (H, C, D), fp), StateTensor(f"v_evict_{i}", (H, C, D), fp),
+                 StateTensor(f"slot_pos_{i}", (H, C), torch.int64, fill=-1),
+                 StateTensor(f"score_{i}", (H, C), torch.float32)]
+        observation = self.window if self.method == "snapkv" else 0
+
+        def attention(gm, q, k_new, v_new, position, scale, cache):
+            node = gm.graph.call_function(torch.ops.rarefy.evict_attention.default,
+                                          (q, k_new, v_new, cache[0], cache[1], cache[2], position, scale,
+                                           observation))
+            return node, 1  # output 0 is the attention, output 1 the votes
+
+        def write(gm, k_new, v_new, position, cache, votes):
+            return gm.graph.call_function(torch.ops.rarefy.evict_write.default,
+                                          (*cache, k_new, v_new, votes, position, self.method, self.sinks,
+                                           self.window, self.pool))
+
+        rewrite_layer(graph, entry, state, attention, write)
+        entry.update(method=self.method, capacity=C, budget=C, sinks=self.sinks, window=self.window)

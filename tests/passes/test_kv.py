@@ -1,0 +1,149 @@
+"""CompressKV: KIVI quantization and H2O / SnapKV / StreamingLLM eviction of a decode step's cache."""
+import onnx
+import pytest
+import torch
+import transformers as tf
+
+import rarefy as rf
+from rarefy.eval.metrics import sqnr_db
+from rarefy.ir.decoder import teacher_forced_logits
+from rarefy.passes import CompressKV
+
+CAPACITY = 64
+
+
+def tiny_llama(layers=2):
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                            num_key_value_heads=2, vocab_size=128)
+    return tf.LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def step():
+    return rf.capture_decoder(tiny_llama(), max_cache_len=CAPACITY)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 128, (2, 48), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def dense_logits(step, ids):
+    return teacher_forced_logits(step, ids)
+
+
+@pytest.mark.parametrize("bits, floor_db", [(4, 25.0), (2, 10.0)])
+def test_kivi_shrinks_the_cache_within_budget(step, ids, dense_logits, bits, floor_db):
+    small = rf.optimize(step, [CompressKV("quantize", bits=bits, group_size=8, residual=8)], evaluation=[ids[:, :20]],
+                        progress=False)
+    record = small.report.rows[-1]
+    # it fired: every layer swapped for the packed cache ops, state stored as uint8 codes
+    assert record.stats["quantize_layers"] == 2
+    ops = {n.target for n in small.fx.graph.nodes if n.op == "call_function"}
+    assert torch.ops.rarefy.kivi_attention.default in ops and torch.ops.rarefy.cache_attention.default not in ops
+    assert small.signature.dtypes[small.signature.names.index("k_codes_0")] == torch.uint8
+    # the bytes really shrink. Per layer and kv head (C=64, Dh=16, G=8): codes 2 * 64*16*bits/8,
+    # fp16 scale+zero 2 * 2 * (8*16 keys, 64*2 values), fp16 ring 2 * 16*16*2, vs fp32 2 * 64*16*4
+    expected = (2 * 64 * 16 * bits / 8 + 2 * 2 * 2 * 128 + 2 * 16 * 16 * 2) / (2 * 64 * 16 * 4)
+    assert small.cache_bytes() / step.cache_bytes() == pytest.approx(expected)
+    # within budget: 48 tokens, 24-40 of them quantized; floors are ~10 dB under what this tiny
+    # random model gives (int4 ~35 dB, int2 ~20 dB): they catch layout bugs (garbage is < 0 dB)
+    logits = teacher_forced_logits(small, ids)
+    assert sqnr_db(dense_logits, logits) > floor_db
+    assert step.cache_bytes() == 2 * 2 * 2 * CAPACITY * 16 * 4  # the input graph is left unchanged
+
+
+def test_kivi_write_stores_kivi_codes():
+    """After L tokens the stored key groups are exactly kivi.quantize_keys of the first Q(L) keys."""
+    from rarefy.kernels import kivi, kv_cache
+
+    torch.manual_seed(0)
+    B, H, C, D, G, R, bits = 1, 2, 32, 16, 8, 8, 4
+    keys, values = torch.randn(B, H, 27, D), torch.randn(B, H, 27, D)
+    state = [torch.zeros(B, H, C * bits // 8, D, dtype=torch.uint8), torch.zeros(B, H, C // G, D).half(),
+             torch.zeros(B, H, C // G, D).half(), torch.zeros(B, H, C, D * bits // 8, dtype=torch.uint8),
+             torch.zeros(B, H, C, D // G).half(), torch.zeros(B, H, C, D // G).half(),
+             torch.zeros(B, H, R + G, D).half(), torch.zeros(B, H, R + G, D).half()]
+    for start, stop in [(0, 13), (13, 14), (14, 27)]:  # a prefill, a decode step, a long chunk
+        state = list(kv_cache.kivi_write(*state, keys[:, :, start:stop], values[:, :, start:stop],
+                                         torch.arange(start, stop), bits, G, R))
+    q = int(kv_cache.quantized_count(torch.tensor(27), R, G))
+    assert q == 16
+    # positions written before the last chunk were read back from the fp16 ring
+    expected = torch.cat([keys[:, :, :14].half().float(), keys[:, :, 14:q]], dim=2)
+    codes, scale, zero = kivi.quantize_keys(expected, bits, G)
+    assert torch.equal(state[0][:, :, :q * bits // 8], codes)
+    assert torch.equal(state[1][:, :, :q // G], scale)
+    v_codes, _, _ = kivi.quantize_values(values, bits, G)
+    assert torch.equal(state[3][:, :, :27], v_codes)
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming"])
+def test_budget_covering_the_context_is_exact(step, ids, dense_logits, method):
+    full = rf.optimize(step, [CompressKV(method, budget=CAPACITY)], progress=False)
+    assert full.report.rows[-1].stats[f"{method}_layers"] == 2
+    # exact: nothing is evicted, attention over the same set in another slot order (fp32 reordering)
+    torch.testing.assert_close(teacher_forced_logits(full, ids), dense_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(teacher_forced_logits(full, ids, prefill=30), dense_logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming"])
+def test_eviction_keeps_the_budget(step, ids, dense_logits, method):
+    small = rf.optimize(step, [CompressKV(method, budget=16)], progress=False)
+    assert small.cache_bytes() < step.cache_bytes() / 3
+    assert small.meta["decoder"]["max_tokens"] is None  # an evicting cache never fills up
+    # runs past its budget; tokens differ from the dense cache but stay finite and correlated
+    logits = teacher_forced_logits(small, ids, prefill=24)
+    assert torch.isfinite(logits).all()
+    assert 0.0 < sqnr_db(dense_logits, logits) < 60.0
+    # the kept slots: recent window always, plus sinks for streaming
+    out = small(ids[:, :40], torch.arange(40), *[t for t in small.meta["example_inputs"][0][2:]][:0],
+                *__import__("rarefy.ir.decoder", fromlist=["x"]).initial_state(small, 2))
+    kept = out[small.signature.names.index("slot_pos_0") - 1]
+    window = small.sites("kv_cache")[0].info["window"]
+    for row in kept.reshape(-1, 16):
+        assert set(range(40 - window, 40)) <= set(row.tolist())
+        if method == "streaming":
+            assert set(range(4)) <= set(row.tolist())
+
+
+def test_quantize_after_eviction_skips_with_reason(step):
+    out = rf.optimize(step, [CompressKV("h2o", budget=32), CompressKV("quantize", bits=4, group_size=8)],
+                      progress=False)
+    last = out.report.rows[-1]
+    assert last.stats["skipped_already_compressed"] == 2 and "already compressed by h2o" in last.notes[0]
+
+
+def test_bad_requests_fail_before_any_work(step):
+    plain = rf.capture(tiny_llama(), {"input_ids": torch.zeros(2, 4, dtype=torch.long)})
+    with pytest.raises(rf.RarefyError, match="capture_decoder"):
+        rf.optimize(plain, [CompressKV("quantize", bits=4)], progress=False)
+    with pytest.raises(rf.RarefyError, match="smaller than sinks"):
+        CompressKV("streaming", budget=8, sinks=4, window=8)
+    with pytest.raises(rf.RarefyError, match="larger than the cache"):
+        rf.optimize(step, [CompressKV("h2o", budget=CAPACITY + 1)], progress=False)
+    with pytest.raises(rf.RarefyError, match="bits"):
+        CompressKV("quantize", bits=3)
+    with pytest.raises(rf.RarefyError, match="unknown method"):
+        CompressKV("pyramid", budget=8)
+    with pytest.raises(rf.RarefyError, match="budget="):
+        CompressKV("h2o")
+
+
+def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
+    # one export covers both op families: KIVI on layer 0, SnapKV on layer 1 (targets= selects)
+    passes = [CompressKV("quantize", bits=4, group_size=8, residual=8, targets="*layers.0.*"),
+              CompressKV("snapkv", budget=12, window=4, targets="*layers.1.*")]
+    small = rf.optimize(rf.capture_decoder(tiny_llama(), max_cache_len=32), passes, progress=False)
+    assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [1, 1]
+    path = rf.export_onnx(small, tmp_path / "step.onnx")
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == small.signature.names  # the cache is explicit I/O
+    ort = rf.compile(small, "onnxruntime", optimize=False)
+    ids = torch.randint(0, 128, (2, 20))
+    torch.testing.assert_close(teacher_forced_logits(ort, ids, graph=small, prefill=9),
+                               teacher_forced_logits(small, ids, prefill=9), atol=1e-4, rtol=0)
+    assert torch.equal(rf.generate(small, ids[:, :4], 6, step=ort), rf.generate(small, ids[:, :4], 6))
