@@ -100,7 +100,7 @@ def run_once(model_name: str, batches: int, batch_size: int, seq_len: int) -> di
         _, out["export"] = _measure(lambda: rf.export_onnx(q, tmp / "rarefy" / "model.onnx"))
         out["export"]["file_mb"] = (tmp / "rarefy" / "model.onnx").stat().st_size / 1e6
         out["optimize_int8"]["sqnr_db"] = q.report.row("QuantizeWeights").sqnr_db
-        del q
+        q = None  # free the int8 graph before the baselines run
         _, out["baseline_torch_onnx_export"] = _measure(lambda: _torch_onnx_export(model, example, tmp / "fp32.onnx"))
         out["baseline_torch_onnx_export"]["file_mb"] = _onnx_bytes(tmp / "fp32.onnx") / 1e6
         _, out["baseline_ort_quantize_dynamic"] = _measure(lambda: quantize_dynamic(

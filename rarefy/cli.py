@@ -48,13 +48,12 @@ def cmd_optimize(args) -> int:
     out_dir, created = _prepare_output_dir(Path(args.output))
     try:
         graph, tokenizer, vocab = _load_model(args.model)
-        calibration = _data(graph, tokenizer, vocab, _section(recipe.calibration, "calibration", args), args)
-        evaluation = _data(graph, tokenizer, vocab, _section(recipe.evaluation, "evaluation", args), args)
+        sections = {kind: _section(getattr(recipe, kind), kind, args) for kind in ("calibration", "evaluation")}
+        calibration, evaluation = (_data(graph, tokenizer, vocab, sections[kind]) for kind in sections)
         log.info("optimizing with %s", ", ".join(repr(p) for p in recipe.passes) or "no passes")
         result = rf.optimize(graph, recipe, calibration=calibration, evaluation=evaluation,
                              verify=not args.no_verify, progress=not args.quiet)
-        applied = Recipe(result.recipe, _section(recipe.calibration, "calibration", args),
-                         _section(recipe.evaluation, "evaluation", args), graph.meta.get("source"))
+        applied = Recipe(result.recipe, sections["calibration"], sections["evaluation"], graph.meta.get("source"))
         _write_artifacts(result, applied, out_dir)
     except BaseException:
         for path in reversed(created):  # directories this run made and left empty
@@ -184,7 +183,7 @@ def _section(section: dict | None, kind: str, args) -> dict:
     return merged
 
 
-def _data(graph, tokenizer, vocab, section: dict, args) -> rf.Calibration:
+def _data(graph, tokenizer, vocab, section: dict) -> rf.Calibration:
     if graph.dialect == "onnx" and tokenizer is None:
         return _random_batches(graph, section)
     return _token_batches(tokenizer, vocab, section, graph.signature.names)
