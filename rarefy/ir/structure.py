@@ -240,7 +240,7 @@ def _reshape(node):
     bounds, j = [(0, 0)], 0
     for i in range(1, len(a) + 1):
         for jj in range(j + 1, len(b) + 1):
-            if sympy.simplify(prefix_a[i] - prefix_b[jj]) == 0:
+            if prefix_a[i] == prefix_b[jj]:  # sympy products are canonical: structural equality suffices
                 bounds.append((i, jj))
                 j = jj
                 break
