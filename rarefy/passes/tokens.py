@@ -194,6 +194,10 @@ class PruneTokens(Pass):
         fraction = Fraction(self.keep).limit_denominator(1000)
         self.num, self.den = fraction.numerator, fraction.denominator
 
+    def check(self, graph, ctx) -> None:
+        super().check(graph, ctx)  # run by rf.optimize for every pass before any pass works
+        self.requires(graph, ctx)
+
     def requires(self, graph, ctx) -> None:
         blocks = token_blocks(graph, self.name)
         if self.after_layer >= len(blocks):

@@ -45,6 +45,10 @@ class MergeTokens(Pass):
             raise PassError(f"MergeTokens: first_layer must be an integer >= 1, got {first_layer!r}")
         self.r, self.first_layer = r, first_layer
 
+    def check(self, graph, ctx) -> None:
+        super().check(graph, ctx)  # run by rf.optimize for every pass before any pass works
+        self.requires(graph, ctx)
+
     def requires(self, graph, ctx) -> None:
         blocks = token_blocks(graph, self.name)
         if is_decoder(graph):
