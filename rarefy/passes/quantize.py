@@ -103,7 +103,10 @@ class QuantizeWeights(Pass):
     must_run_before = ()
 
     def __init__(self, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
-                 method: str = "rtn", *, targets=None, ignore=None, budget=None):
+                 method: str = "rtn", *, damp: float = 0.01, act_order: bool = True,
+                 targets=None, ignore=None, budget=None):
+        """``damp`` (Hessian damping, a fraction of its mean diagonal) and ``act_order`` (visit
+        columns by decreasing Hessian diagonal) apply to ``method="gptq"`` only."""
         super().__init__(targets=targets, ignore=ignore, budget=budget)
         if bits not in WEIGHT_BITS:
             raise UnsupportedError(f"QuantizeWeights: bits={bits} is not supported; choose one of {WEIGHT_BITS}")
@@ -114,7 +117,10 @@ class QuantizeWeights(Pass):
             )
         if method not in self.methods():
             raise UnsupportedError(f"QuantizeWeights: unknown method {method!r}; choose one of {self.methods()}")
+        if not 0 < damp < 1:
+            raise UnsupportedError(f"QuantizeWeights: damp={damp} must lie in (0, 1)")
         self.bits, self.group_size, self.symmetric, self.method = bits, group_size, symmetric, method
+        self.damp, self.act_order = damp, act_order
         self.needs_calibration = method != "rtn"
 
     @staticmethod
@@ -145,6 +151,7 @@ class QuantizeWeights(Pass):
             weights = {s.name: None for s in chosen}
         else:
             weights = WEIGHT_QUANTIZERS[self.method](self, graph, chosen, ctx)
+            notes += getattr(weights, "notes", [])  # how a calibrated method chose, e.g. AWQ's folds
         rewrite = _rewrite_fx if graph.dialect == "fx" else _rewrite_onnx
         stats = {"quantized_linear": 0}
         for site in chosen:
@@ -153,7 +160,7 @@ class QuantizeWeights(Pass):
         if graph.dialect == "fx":
             drop_unused_attrs(graph.fx)
         stats["skipped"] = len(skipped)
-        return PassResult(graph, stats["quantized_linear"] > 0, stats, notes)
+        return PassResult(graph, stats["quantized_linear"] > 0, stats, notes, dict(getattr(weights, "details", {})))
 
     def quantize(self, weight: torch.Tensor):
         return quantize_blocks(weight, self.bits, self.group_size, self.symmetric)

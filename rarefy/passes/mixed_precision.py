@@ -1,0 +1,183 @@
+"""MixedPrecision: a bit width per linear from measured sensitivity, under an average-bit budget.
+
+Follows the layer-wise bit-allocation line of work (Layer-Wise Quantization, Dumitru et al.
+2024; BAQ; EvoPress, Sieberling et al. 2024): layers differ in how much quantization error
+they tolerate, so spend bits where they buy the most. Sensitivity of linear ``l`` at ``b`` bits
+is the Hessian-weighted weight error ``tr(dW H dW^T)`` (the mean squared output error of that
+linear alone on calibration data, ``H = X^T X / n``, ``dW = W - RTN_b(W)``), divided by the mean
+squared norm of the residual stream entering its block: the relative perturbation that the
+error adds to the stream it ends up in (deeper streams are larger and tolerate more).
+
+Allocation is exact: a multiple-choice knapsack, solved by dynamic programming over the
+parameter-weighted bit cost, minimises the summed sensitivity subject to
+``sum_l params_l * bits_l <= avg_bits * sum_l params_l`` (parameters counted in units of their
+gcd; coarsened only for huge unit counts); the achieved average must land within
+``BUDGET_SLACK`` bits of ``avg_bits`` or the pass raises. The average counts code bits of
+the quantized linears only: the group scales (and zero points) add
+``(16 or 32 + bits) / group_size`` bits per weight on top, reported in the notes.
+Then every linear is quantized at its width with RTN or GPTQ (``quantizer=``), on the grid
+and in the packed layout of ``QuantizeWeights``. Each linear's choice and its sensitivity
+numbers are in the details and notes. Dialect: FX.
+"""
+from __future__ import annotations
+
+import math
+from functools import reduce
+
+import torch
+
+from ..ir.calibration import run_lockstep
+from ..ir.errors import PassError, UnsupportedError
+from ..ir.fx_utils import drop_unused_attrs, get_tensor
+from .base import Pass, PassResult
+from .gptq import hessian, run_gptq
+from .quantize import WEIGHT_BITS, QuantizeWeights, _rewrite_fx, dequantize_blocks, quantize_blocks
+
+BUDGET_SLACK = 0.05  # bits: the allowed distance between the achieved and the requested average
+MAX_UNITS = 1_000_000  # knapsack capacity cells before parameter counts are coarsened
+
+
+class MixedPrecision(Pass):
+    """Per-linear bit widths from calibration sensitivity, hitting an average-bit budget."""
+
+    needs_calibration = True
+    dialects = ("fx",)
+
+    def __init__(self, avg_bits: float, candidates=(2, 3, 4, 8), group_size: int | None = 64,
+                 symmetric: bool = True, method: str = "sensitivity", quantizer: str = "rtn", *,
+                 damp: float = 0.01, act_order: bool = True, targets=None, ignore=None, budget=None):
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
+        candidates = tuple(sorted(set(candidates)))
+        if not candidates or any(b not in WEIGHT_BITS for b in candidates):
+            raise UnsupportedError(f"MixedPrecision: candidates={candidates} must be a non-empty subset of {WEIGHT_BITS}")
+        if not candidates[0] <= avg_bits <= candidates[-1]:
+            raise UnsupportedError(
+                f"MixedPrecision: avg_bits={avg_bits} is outside the candidates' range {candidates[0]}..{candidates[-1]}")
+        if method != "sensitivity":
+            raise UnsupportedError(f"MixedPrecision: unknown method {method!r}; choose 'sensitivity'")
+        if quantizer not in ("rtn", "gptq"):
+            raise UnsupportedError(f"MixedPrecision: quantizer={quantizer!r} must be 'rtn' or 'gptq'")
+        # one QuantizeWeights per width validates group_size / damp and does the rewrite
+        self.widths = {b: QuantizeWeights(bits=b, group_size=group_size, symmetric=symmetric, damp=damp,
+                                          act_order=act_order, targets=targets, ignore=ignore) for b in candidates}
+        self.avg_bits, self.candidates, self.group_size, self.symmetric = avg_bits, candidates, group_size, symmetric
+        self.quantizer, self.damp, self.act_order = quantizer, damp, act_order
+
+    def requires(self, graph, ctx) -> None:
+        self.widths[self.candidates[0]].requires(graph, ctx)  # linear sites exist, group fits every K
+
+    def call(self, graph, ctx) -> PassResult:
+        chosen, skipped = self.widths[self.candidates[0]]._chosen_sites(graph)
+        notes = [f"{name}: skipped ({why})" for name, why in skipped.items()]
+        sensitivity = measure_sensitivity(graph, chosen, ctx.batches, self.candidates, self.group_size,
+                                          self.symmetric, progress=ctx.progress)
+        params = {s.name: s.info["in_features"] * s.info["out_features"] for s in chosen}
+        bits = allocate_bits(params, sensitivity, self.avg_bits)
+        achieved = sum(params[n] * b for n, b in bits.items()) / sum(params.values())
+        if abs(achieved - self.avg_bits) > BUDGET_SLACK:
+            raise PassError(f"MixedPrecision: the allocation reached {achieved:.3f} average bits, more than "
+                            f"{BUDGET_SLACK} from avg_bits={self.avg_bits} (candidates {self.candidates})")
+        if self.quantizer == "gptq":
+            weights = run_gptq(graph, chosen, ctx.batches, bits, self.group_size, self.symmetric,
+                               damp=self.damp, act_order=self.act_order, progress=ctx.progress)
+        else:
+            weights = {s.name: None for s in chosen}
+        stats = {"quantized_linear": 0, **{f"bits_{b}": 0 for b in self.candidates}}
+        details = {}
+        for site in chosen:
+            b = bits[site.name]
+            _rewrite_fx(graph, site, self.widths[b], weights[site.name])
+            stats["quantized_linear"] += 1
+            stats[f"bits_{b}"] += 1
+            details[site.name] = {"bits": b, "params": params[site.name],
+                                  "sensitivity": {str(c): v for c, v in sensitivity[site.name].items()}}
+            others = ", ".join(f"{c}b {v:.3g}" for c, v in sensitivity[site.name].items())
+            notes.append(f"{site.name}: {b} bits (relative output error at {others})")
+        drop_unused_attrs(graph.fx)
+        group = self.group_size or max(s.info["in_features"] for s in chosen)
+        overhead = (16 + (0 if self.symmetric else 4)) / group  # fp16-equivalent scale (+ zero point) per group
+        notes.append(f"average {achieved:.3f} code bits per quantized weight over {sum(params.values())} parameters "
+                     f"(budget {self.avg_bits}); scales and zero points add about {overhead:.2f} bits more "
+                     f"(fp32 scales: twice the scale part)")
+        stats["skipped"] = len(skipped)
+        return PassResult(graph, stats["quantized_linear"] > 0, stats, notes, details)
+
+
+def measure_sensitivity(graph, sites: list, batches: list, candidates, group_size, symmetric,
+                        progress: bool = True) -> dict[str, dict[int, float]]:
+    """{site name: {bits: tr(dW H dW^T) / E||h||^2}} from one lock-step calibration run."""
+    gm = graph.fx
+    by_node = {site.nodes[0]: site for site in sites}
+    streams = {b.info["hidden_input"] for b in graph.sites("block") if b.info.get("hidden_input") is not None}
+    stream_energy = [None]  # mean squared norm of the residual stream entering the current block
+    hessians, result = {}, {}
+    readers: dict = {}  # input node -> chosen linears still to measure that read it
+    for site in sites:
+        readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
+
+    def hook(node, per_batch):
+        for i, arg in enumerate(node.args):
+            if arg in streams:
+                streams.discard(arg)
+                stream_energy[0] = _mean_sq_norm([args[i] for args, _ in per_batch])
+        site = by_node.get(node)
+        if site is None:
+            return
+        source = node.args[0]
+        if source not in hessians:
+            hessians[source] = hessian([args[0] for args, _ in per_batch]) / 2  # X^T X / n
+        h = hessians[source]
+        energy = stream_energy[0] or _mean_sq_norm([args[0] for args, _ in per_batch])
+        w = get_tensor(gm, site.tensors["weight"]).detach().float()
+        result[site.name] = {}
+        for b in candidates:
+            dw = w - dequantize_blocks(*quantize_blocks(w, b, group_size, symmetric), w.shape[1])
+            result[site.name][b] = float(((dw @ h) * dw).sum()) / energy
+        readers[source] -= 1
+        if readers[source] == 0:
+            del hessians[source]
+
+    run_lockstep(graph, batches, hook, progress=progress, desc="MixedPrecision sensitivity")
+    return result
+
+
+def _mean_sq_norm(tensors: list[torch.Tensor]) -> float:
+    rows = [t.detach().reshape(-1, t.shape[-1]).double() for t in tensors]
+    return float(sum((r * r).sum() for r in rows) / sum(r.shape[0] for r in rows))
+
+
+def allocate_bits(params: dict[str, int], sensitivity: dict[str, dict[int, float]], avg_bits: float) -> dict[str, int]:
+    """Exact multiple-choice knapsack: min sum of sensitivities s.t. sum params*bits <= avg_bits*sum params."""
+    names = list(params)
+    unit = reduce(math.gcd, params.values())
+    widest = max(max(sensitivity[n]) for n in names)
+    total_units = sum(params.values()) // unit
+    if total_units * widest > MAX_UNITS:  # coarsen: the DP stays small, the budget check below stays exact
+        unit *= math.ceil(total_units * widest / MAX_UNITS)
+    weight = {n: max(1, round(params[n] / unit)) for n in names}
+    capacity = math.floor(avg_bits * sum(weight.values()) + 1e-9)
+    inf = float("inf")
+    best = torch.full((capacity + 1,), inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for n in names:
+        new = torch.full_like(best, inf)
+        pick = torch.zeros(capacity + 1, dtype=torch.int8)
+        for b, s in sorted(sensitivity[n].items()):
+            cost = weight[n] * b
+            if cost > capacity:
+                continue
+            candidate = best[:capacity + 1 - cost] + s
+            better = candidate < new[cost:]
+            new[cost:] = torch.where(better, candidate, new[cost:])
+            pick[cost:] = torch.where(better, torch.tensor(b, dtype=torch.int8), pick[cost:])
+        best = new
+        choices.append(pick)
+    if not torch.isfinite(best).any():
+        raise PassError(f"MixedPrecision: no allocation fits avg_bits={avg_bits}")
+    spent = int(torch.argmin(best))
+    bits = {}
+    for n, pick in zip(reversed(names), reversed(choices)):
+        bits[n] = int(pick[spent])
+        spent -= weight[n] * bits[n]
+    return {n: bits[n] for n in names}
