@@ -21,8 +21,8 @@ freezing: the compiled function is for inference (it runs under ``no_grad``) and
 see later in-place edits of the model's parameters.
 
 Graph breaks give several graphs; each is optimized on its own. A graph rarefy cannot use
-(no site for the passes, a capture that fails, inputs other than tensors and sizes) falls
-back to Dynamo's own graph, with the reason logged and kept in ``backend.subgraphs``.
+(no site for the passes, a capture that fails, inputs other than tensors and their sizes,
+writes into a parameter or buffer such as a cache) falls back to Dynamo's own graph, with the reason logged and kept in ``backend.subgraphs``.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from .ir.fx_utils import get_tensor
 log = logging.getLogger(__name__)
 
 _SOURCE_PART = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_][A-Za-z0-9_]*)")
-_SELF_PREFIX = re.compile(r"^[LG]\['[^']+'\]")  # the module Dynamo read weights from
+_ROOT_PREFIX = re.compile(r"^[LG]\['[^']+'\]")  # the module Dynamo read weights from
 
 
 @dataclass
@@ -209,24 +209,40 @@ def freeze(gm: torch.fx.GraphModule, example_inputs: Sequence) -> Frozen:
         else:
             raise UnsupportedError(f"input {node.name} is a {type(value).__name__}; rarefy takes tensors and sizes")
     for node in sizes:  # a size is read off the tensor Dynamo measured it from
-        source = node.meta["grapharg"].source
-        base = getattr(source, "base", None)
-        tensor = by_source.get(getattr(base, "name", None)) if base is not None else None
-        if tensor is None or env.get(tensor) is None or env[tensor].op != "placeholder" or source.idx is None:
-            raise UnsupportedError(f"size input {node.name} ({getattr(source, 'name', source)}) is not a tensor's size")
-        call = torch.ops.aten.sym_size.int if "SIZE" in str(source.prop) else None
-        if call is None:
-            raise UnsupportedError(f"size input {node.name} reads {source.prop}, not a size")
-        env[node] = graph.call_function(call, (env[tensor], source.idx))
+        env[node] = _size_of_input(graph, node, by_source, env)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue
         env[node] = graph.node_copy(node, lambda n: env[n])
         if "nn_module_stack" in node.meta:
             env[node].meta["nn_module_stack"] = _clean_stack(node.meta["nn_module_stack"])
+    _check_no_weight_writes(gm, [n for n in placeholders if env[n].op == "get_attr"])
     _copy_attributes(gm, root)
     module = torch.fx.GraphModule(root, graph, class_name="RarefyDynamoGraph")
     return Frozen(module, positions, dynamic_shapes)
+
+
+def _size_of_input(graph: torch.fx.Graph, node, by_source: dict, env: dict) -> torch.fx.Node:
+    """``sym_size(x, d)`` for a SymInt placeholder whose source is ``x.size()[d]``."""
+    from torch._dynamo.source import TensorProperty, TensorPropertySource
+
+    source = node.meta["grapharg"].source
+    tensor = by_source.get(source.base.name) if isinstance(source, TensorPropertySource) else None
+    if tensor is None or env[tensor].op != "placeholder" or source.prop is not TensorProperty.SIZE:
+        raise UnsupportedError(f"the integer input {getattr(source, 'name', node.name)} is not the size of a "
+                               "tensor input; rarefy graphs take tensors")
+    return graph.call_function(torch.ops.aten.sym_size.int, (env[tensor], source.idx))
+
+
+def _check_no_weight_writes(gm: torch.fx.GraphModule, weights: list) -> None:
+    """Freezing is wrong for a graph that writes into a parameter or buffer (a cache, a counter)."""
+    weights = set(weights)
+    for node in gm.graph.nodes:
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        in_place = (name.endswith("_") and not name.endswith("__")) or name == "setitem"
+        if node.op in ("call_method", "call_function") and in_place and node.args and node.args[0] in weights:
+            raise UnsupportedError(f"the graph writes into {node.args[0].name} ({name}); rarefy freezes "
+                                   "parameters and buffers, so it leaves this graph to Dynamo")
 
 
 def _source_name(node) -> str | None:
@@ -238,11 +254,11 @@ def _source_name(node) -> str | None:
 def _weight_path(node, value) -> str | None:
     """The qualified name of a parameter/buffer placeholder; None for a model input."""
     name = _source_name(node) or ""
-    if not isinstance(value, torch.Tensor) or not _SELF_PREFIX.match(name):
+    if not isinstance(value, torch.Tensor) or not _ROOT_PREFIX.match(name):
         return None
     if not (isinstance(value, torch.nn.Parameter) or "_buffers[" in name or "_parameters[" in name):
         return None
-    parts = [a or b for a, b in _SOURCE_PART.findall(_SELF_PREFIX.sub("", name))]
+    parts = [a or b for a, b in _SOURCE_PART.findall(_ROOT_PREFIX.sub("", name))]
     return ".".join(parts) if parts else None
 
 
@@ -256,7 +272,7 @@ def _symbolic_dims(node) -> list[int]:
 def _clean_stack(stack: dict) -> dict:
     out = {}
     for key, (path, cls) in stack.items():
-        parts = [a or b for a, b in _SOURCE_PART.findall(_SELF_PREFIX.sub("", path))]
+        parts = [a or b for a, b in _SOURCE_PART.findall(_ROOT_PREFIX.sub("", path))]
         out[key] = (".".join(parts), cls)
     return out
 

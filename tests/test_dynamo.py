@@ -122,6 +122,31 @@ def test_graph_breaks_give_graphs_optimized_independently():
     assert _sqnr(reference, out) > INT8_FLOOR_DB
 
 
+class _Counting(_MLP):
+    """Writes into its own buffer: freezing the buffer would lose the count."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return super().forward(x)
+
+
+def test_graph_writing_into_a_buffer_falls_back_with_its_reason():
+    model = _Counting().eval()
+    backend = rf.dynamo_backend([rf.passes.QuantizeWeights(bits=8)])
+    compiled = torch.compile(model, backend=backend)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        out = compiled(x)
+        compiled(x)
+    assert [s.status for s in backend.subgraphs] == ["fallback"]
+    assert "writes into" in backend.subgraphs[0].reason
+    assert model.calls.item() == 2 and torch.equal(out, model.down(torch.nn.functional.gelu(model.up(x))) * model.gain)
+
+
 def test_dynamic_shapes_recompile_into_a_dynamic_rarefy_graph():
     model, _ = tm.build("llama")
     backend = rf.dynamo_backend([rf.passes.QuantizeWeights(bits=8)])
