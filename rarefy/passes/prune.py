@@ -66,9 +66,10 @@ class _PruneStructure(Pass):
     # -- analysis ---------------------------------------------------------------------------------
     def _plan(self, graph) -> tuple[dict[str, tuple[DependencyGroup, int]], list[str]]:
         """{block: (group, units to remove)} and the notes of every block left alone."""
-        groups = [g for g in dependency_groups(graph) if g.kind == self.group_kind]
+        all_groups = dependency_groups(graph)
+        groups = [g for g in all_groups if g.kind == self.group_kind]
         notes = [f"group {g.index} ({', '.join(g.blocks) or 'no block'}): not pruned ({g.reason})"
-                 for g in groups if not g.prunable]
+                 for g in all_groups if not g.prunable and g.kind in (self.group_kind, "hidden")]
         by_block = {g.blocks[0]: g for g in groups if g.prunable}
         chosen, skipped = self.select(sorted(by_block))
         notes += [f"{block}: skipped ({why})" for block, why in skipped.items()]

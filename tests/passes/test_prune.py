@@ -134,6 +134,7 @@ def test_targets_and_notes_say_why():
     row = out.report.rows[1]
     assert row.stats["pruned_blocks"] == 1
     assert any("encoder.layer.0: skipped (not matched by targets)" in n for n in row.notes)
+    assert any("residual hidden stream" in n for n in row.notes)  # why the hidden size was left alone
     assert out.fx.get_submodule("encoder.layer.0.intermediate.dense").weight.shape == (128, 64)
     assert out.fx.get_submodule("encoder.layer.1.intermediate.dense").weight.shape == (96, 64)
     assert set(row.details["encoder.layer.1"]) == {"units", "removed", "scores"}
