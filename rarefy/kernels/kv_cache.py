@@ -153,21 +153,21 @@ def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, 
                    cache_position, scale: float, bits: int, group_size: int, residual: int):
     """Attention over positions [0, Q(L0)) dequantized, [Q(L0), L0) from the fp ring, and the chunk."""
     k_past, v_past, valid = _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
-                                       cache_position, bits, group_size, residual)
+                                       cache_position, bits, group_size, residual, q.dtype)
     return attend(q, k_past, v_past, valid, k_new, v_new, scale)[0]
 
 
 def _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, cache_position, bits,
-               group_size, residual):
+               group_size, residual, dtype):
     start = _start(cache_position)
     q0 = quantized_count(start, residual, group_size)
-    k_q = dequantize_keys(k_codes, k_scale, k_zero, bits, group_size, dtype=k_ring.dtype)
-    v_q = dequantize_values(v_codes, v_scale, v_zero, bits, group_size, dtype=v_ring.dtype)
+    k_q = dequantize_keys(k_codes, k_scale, k_zero, bits, group_size, dtype)
+    v_q = dequantize_values(v_codes, v_scale, v_zero, bits, group_size, dtype)
     quant_valid = torch.arange(v_codes.shape[2], device=k_ring.device) < q0
     ring_pos = _ring_positions(start, k_ring.shape[2], k_ring.device)
     ring_valid = (ring_pos >= q0) & (ring_pos >= 0)
     valid = torch.cat([quant_valid, ring_valid])
-    return torch.cat([k_q, k_ring], dim=2), torch.cat([v_q, v_ring], dim=2), valid
+    return torch.cat([k_q, k_ring.to(dtype)], dim=2), torch.cat([v_q, v_ring.to(dtype)], dim=2), valid
 
 
 def kivi_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new,
@@ -272,7 +272,7 @@ def cache_attention_triton(q, k_new, v_new, k_cache, v_cache, cache_position, sc
         return cache_attention(q, k_new, v_new, k_cache, v_cache, cache_position, scale)
     from .decode_attention import decode_attention
 
-    lengths = _start(cache_position).expand(q.shape[0])
+    lengths = _start(cache_position).repeat(q.shape[0])  # the kernel reads lengths[b]: no stride-0 view
     out = decode_attention(q[:, :, 0].contiguous(), k_cache.contiguous(), None, None, v_cache.contiguous(),
                            None, None, k_new.contiguous(), v_new.contiguous(), bits=None, group_size=1,
                            scale=scale, lengths=lengths)
