@@ -81,7 +81,7 @@ def _linear_masked_fake(x, values, mask, bias, N, K):
 # -- tokens (passes/tokens.py: PruneTokens, MergeTokens) ------------------------------------------
 # Math and shapes in rarefy/kernels/token_select.py; the gather is rarefy/kernels/token_gather.py.
 @torch.library.custom_op("rarefy::token_scores", mutates_args=())
-def token_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool,
+def token_scores(q: Tensor, k: Optional[Tensor], mask: Optional[Tensor], scale: float, is_causal: bool,
                  last_query: bool) -> tuple[Tensor, Tensor]:
     from rarefy.kernels.token_select import attention_received
 
@@ -90,7 +90,7 @@ def token_scores(q: Tensor, k: Tensor, mask: Optional[Tensor], scale: float, is_
 
 @token_scores.register_fake
 def _token_scores_fake(q, k, mask, scale, is_causal, last_query):
-    B, S = q.shape[0], k.shape[2]
+    B, S = q.shape[0], (k.shape[2] if k is not None else q.shape[3])  # k None: q holds probabilities
     return q.new_empty((B, S), dtype=torch.float32), q.new_empty((B, S), dtype=torch.bool)
 
 

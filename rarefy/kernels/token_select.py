@@ -5,7 +5,7 @@ the same code is the eager reference, the fake-shape rule's source, and, traced 
 ``torch.export``, the ONNX lowering (TopK, GatherElements, ScatterElements, Softmax, ...).
 
 Shapes: ``hidden`` [B, S, D]; ``q``/``k`` [B, H, S, Dh] (``k`` may have fewer heads:
-grouped-query attention); ``mask`` None, bool (True = attend) or additive float, broadcast
+grouped-query attention; or ``k`` None and ``q`` the probabilities of an eager attention); ``mask`` None, bool (True = attend) or additive float, broadcast
 to [B, 1 or H, S_q, S]; ``valid`` bool [B, S] (False = padding); ``index`` int64 [B, K].
 
 * :func:`attention_received` — Zero-TPrune / EViT / FastV token scores: the attention each
@@ -40,20 +40,26 @@ def key_validity(mask, batch: int, seq_len: int, last_query: bool) -> torch.Tens
     return allowed.any(dim=2).any(dim=1)
 
 
-def attention_received(q: torch.Tensor, k: torch.Tensor, mask, scale: float, is_causal: bool,
+def attention_received(q: torch.Tensor, k, mask, scale: float, is_causal: bool,
                        last_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores float [B, S], valid bool [B, S]): attention each key receives."""
-    B, H, S_q, _ = q.shape
-    S = k.shape[2]
-    if k.shape[1] != H:  # grouped-query attention: each kv head serves H / H_kv query heads
-        k = k.repeat_interleave(H // k.shape[1], dim=1)
-    logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
-    if is_causal:
-        causal = torch.ones((S_q, S), dtype=torch.bool, device=q.device).tril()
-        logits = logits.masked_fill(~causal, float("-inf"))
-    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row attends nowhere
+    """(scores float [B, S], valid bool [B, S]): attention each key receives.
+
+    ``k`` None: ``q`` already holds the attention probabilities [B, H, S_q, S] (eager attention).
+    """
+    B, H, S_q = q.shape[:3]
+    if k is None:
+        probs, S = q.float(), q.shape[3]
+    else:
+        S = k.shape[2]
+        if k.shape[1] != H:  # grouped-query attention: each kv head serves H / H_kv query heads
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+        logits = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+        if mask is not None:
+            logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask.float()
+        if is_causal:
+            causal = torch.ones((S_q, S), dtype=torch.bool, device=q.device).tril()
+            logits = logits.masked_fill(~causal, float("-inf"))
+        probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a fully masked row attends nowhere
     valid = key_validity(mask, B, S, last_query).to(q.device)
     if is_causal and mask is None and not last_query:
         valid = torch.ones((B, S), dtype=torch.bool, device=q.device)

@@ -14,7 +14,8 @@ original positions, and the kept indices stay in order so the causal mask still 
 
 Scores come from attention probabilities recomputed from the scoring block's q and k
 (``softmax(q k^T * scale + mask)``, ``rarefy::token_scores``), so this works on any capture:
-fused SDPA attention (the default of Hugging Face models) included. The kept count is
+fused SDPA attention (the default of Hugging Face models) included; with eager attention
+(``attn_implementation="eager"``) the graph's own softmax output is read instead. The kept count is
 ``ceil(keep * S)`` of the runtime sequence length S (padding included, ranked last), so
 dynamic shapes survive.
 
@@ -63,7 +64,7 @@ def token_blocks(graph, who: str) -> list:
 
 
 def attention_call(block) -> dict:
-    """q, k, mask, scale and causality of the block's fused attention (aten SDPA)."""
+    """q, k, mask, scale and causality of the block's attention: fused SDPA, or eager probabilities (k None)."""
     for node in block.nodes:
         if node.op == "call_function" and node.target is aten.scaled_dot_product_attention.default:
             names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
@@ -73,9 +74,16 @@ def attention_call(block) -> dict:
             scale = call.get("scale") or q.meta["val"].shape[-1] ** -0.5
             return {"node": node, "q": q, "k": call["key"], "mask": call.get("attn_mask"),
                     "scale": float(scale), "is_causal": bool(call.get("is_causal", False))}
-    raise UnsupportedError(
-        f"block {block.name} has no aten.scaled_dot_product_attention: token passes recompute scores "
-        "from a fused attention's q/k; capture with attn_implementation='sdpa'")
+    for node in block.nodes:  # eager attention: the probabilities are in the graph already
+        if node.op == "call_function" and node.target in (aten.softmax.int, aten._softmax.default):
+            logits = node.args[0]
+            mask = None
+            if isinstance(logits, torch.fx.Node) and logits.target is aten.add.Tensor:
+                mask = next((a for a in logits.args if isinstance(a, torch.fx.Node) and a.op != "get_attr"
+                             and a.meta["val"].dim() == 4 and a.meta["val"].shape[1] == 1), None)
+            return {"node": node, "q": node, "k": None, "mask": mask, "scale": 1.0, "is_causal": False}
+    raise UnsupportedError(f"block {block.name} has neither aten.scaled_dot_product_attention nor a softmax: "
+                           "no attention scores to rank tokens by")
 
 
 def _same(value, seq) -> bool:

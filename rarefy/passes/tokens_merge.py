@@ -84,8 +84,12 @@ class MergeTokens(Pass):
                 continue
             later = TokenRegion(gm, blocks[i:])  # values created by earlier merges have no role: `current` has them
             hidden_in = later.hidden
+            keys = attention_call(block)["k"]
+            if keys is None:
+                raise UnsupportedError(f"{block.name}: eager attention exposes no key tensor to match tokens by; "
+                                       "capture with attn_implementation='sdpa'")
             with g.inserting_before(later.first_node()):
-                merged = call(g, torch.ops.rarefy.merge_tokens.default, hidden_in, attention_call(block)["k"], size,
+                merged = call(g, torch.ops.rarefy.merge_tokens.default, hidden_in, keys, size,
                               valid, slot, mask, self.r, True)
                 hidden, size, valid, slot, new_mask = (call(g, operator.getitem, merged, j) for j in range(5))
                 length = call(g, aten.sym_size.int, hidden, 1)

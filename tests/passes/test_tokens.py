@@ -133,6 +133,21 @@ def test_llama_prefill_prune_keeps_last_token_and_positions():
     _ort_matches(out.graph, other, atol=1e-4)
 
 
+def test_eager_and_fused_attention_captures_prune_the_same_tokens():
+    from transformers import BertConfig, BertModel
+
+    inputs = example_inputs("bert", seq=16)
+    outs = []
+    for attn in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = BertModel(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                     vocab_size=128, attn_implementation=attn)).eval()
+        graph = rf.capture(model, inputs)
+        outs.append(PruneTokens(keep=0.5, after_layer=1)(graph.copy()).graph(**inputs)[0])
+    # Eager reads the graph's softmax, SDPA recomputes it from q/k: same scores, same kept set (fp32).
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=0)
+
+
 def test_triton_backend_runs_the_gather_kernel():
     graph, inputs = _capture("bert")
     out = PruneTokens(keep=0.5, after_layer=1)(graph.copy()).graph
