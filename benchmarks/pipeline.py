@@ -116,6 +116,8 @@ def _torch_onnx_export(model, example: dict, path: Path) -> None:
     import torch
     from torch.export import Dim
 
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # as rf.capture does: a DynamicCache output does not export
     dims = {name: {0: Dim.DYNAMIC, 1: Dim.DYNAMIC} for name in example}
     with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()):
         torch.onnx.export(model, (), str(path), kwargs=dict(example), dynamo=True, dynamic_shapes=dims,
@@ -190,13 +192,13 @@ def _markdown(result: dict) -> str:
     lines = [
         "# Pipeline cost (benchmarks/pipeline.py)", "",
         f"Machine: {result['machine']}. Timings come from a shared 2-core machine. "
-        f"Medians of {result['runs']} runs, each a fresh process; batches of "
+        f"Medians of up to {result['runs']} runs (per model below), each a fresh process; batches of "
         f"{result['settings']['batch_size']} x {result['settings']['seq_len']} tokens, "
         f"{result['settings']['batches']} calibration (pydoc) and {result['settings']['batches']} evaluation (kjv).",
         f"Peak memory: {result['memory_method']}", "",
     ]
     for model, summary in result["models"].items():
-        lines += [f"## {model}", "", "| stage | time s (median) | runs | peak RSS MB | RSS at start MB | notes |",
+        lines += [f"## {model} ({summary['runs']} runs)", "", "| stage | time s (median) | runs | peak RSS MB | RSS at start MB | notes |",
                   "|---|---|---|---|---|---|"]
         for stage in STAGES:
             s = summary[stage]
@@ -219,8 +221,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--batches", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -233,19 +235,23 @@ def main() -> None:
               "memory_method": "VmHWM (resident-set high-water, = ru_maxrss) of the benchmark process during "
                                "each stage, reset before it via /proc/self/clear_refs; includes the resident "
                                "model and data", "models": {}}
+    name = "pipeline_quick" if args.quick else "pipeline"
     for model in args.models:
         runs = []
         for i in range(args.runs):
             print(f"{model}: run {i + 1}/{args.runs}", file=sys.stderr, flush=True)
             runs.append(_child(model, args))
-        if not all(r[s]["peak_reset"] for r in runs for s in STAGES):
-            result["memory_method"] += " (WARNING: the reset failed; peaks are since process start)"
-        result["models"][model] = _summary(runs)
-    name = "pipeline_quick" if args.quick else "pipeline"
+            if not all(r[s]["peak_reset"] for r in runs for s in STAGES):
+                result["memory_method"] += " (WARNING: the reset failed; peaks are since process start)"
+            result["models"][model] = {"runs": len(runs), **_summary(runs)}
+            _write(result, name)  # after every run, so an interrupted benchmark keeps what it measured
+    print(_markdown(result))
+
+
+def _write(result: dict, name: str) -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(_markdown(result))
-    print(_markdown(result))
 
 
 if __name__ == "__main__":
