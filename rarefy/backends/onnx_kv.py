@@ -20,3 +20,5 @@ onnx_decomposition(torch.ops.rarefy.kivi_attention.default, kv_cache.kivi_attent
 onnx_decomposition(torch.ops.rarefy.kivi_write.default, kv_cache.kivi_write)
 onnx_decomposition(torch.ops.rarefy.evict_attention.default, kv_cache.evict_attention)
 onnx_decomposition(torch.ops.rarefy.evict_write.default, kv_cache.evict_write)
+onnx_decomposition(torch.ops.rarefy.evict_quant_attention.default, kv_cache.evict_quant_attention)
+onnx_decomposition(torch.ops.rarefy.evict_quant_write.default, kv_cache.evict_quant_write)

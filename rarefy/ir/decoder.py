@@ -257,13 +257,15 @@ def initial_state(graph: Graph, batch_size: int) -> list[torch.Tensor]:
             for spec in graph.meta["decoder"]["state"]]
 
 
-def teacher_forced_logits(step, input_ids: torch.Tensor, graph: Graph | None = None, prefill: int = 0):
+def teacher_forced_logits(step, input_ids: torch.Tensor, graph: Graph | None = None, prefill: int = 0,
+                          chunk: int = 1):
     """Logits [B, T, V] of ``input_ids`` through ``step`` (a graph or a compiled step): the first
-    ``prefill`` tokens in one call, then one token per call, so each token reads the cache."""
+    ``prefill`` tokens in one call, then ``chunk`` tokens per call, so later tokens read the cache."""
     graph = graph if graph is not None else step
     state = initial_state(graph, input_ids.shape[0])
-    first = min(max(prefill, 1), input_ids.shape[1])
-    bounds = [(0, first)] + [(i, i + 1) for i in range(first, input_ids.shape[1])]
+    length = input_ids.shape[1]
+    first = min(max(prefill, chunk), length)
+    bounds = [(0, first)] + [(i, min(i + chunk, length)) for i in range(first, length, chunk)]
     logits = []
     for start, stop in bounds:
         out = step(input_ids[:, start:stop].contiguous(), torch.arange(start, stop), *state)

@@ -247,3 +247,37 @@ def evict_write(k_cache: Tensor, v_cache: Tensor, slot_pos: Tensor, score: Tenso
 @evict_write.register_fake
 def _evict_write_fake(k_cache, v_cache, slot_pos, score, *args):
     return tuple(torch.empty_like(t) for t in (k_cache, v_cache, slot_pos, score))
+
+
+# -- KV cache, evicted and quantized per token (CompressKV(method=<eviction>, bits=...)) ---------
+@torch.library.custom_op("rarefy::evict_quant_attention", mutates_args=())
+def evict_quant_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
+                          v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, slot_pos: Tensor, cache_position: Tensor,
+                          scale: float, observation: int, bits: int, group_size: int) -> tuple[Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import evict_quant_attention as ref
+
+    return ref(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, cache_position, scale,
+               observation, bits, group_size)
+
+
+@evict_quant_attention.register_fake
+def _evict_quant_attention_fake(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, *args):
+    B, H, C = slot_pos.shape
+    votes = q.new_empty((B, H, C + k_new.shape[2]), dtype=torch.float32)
+    return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3])), votes
+
+
+@torch.library.custom_op("rarefy::evict_quant_write", mutates_args=())
+def evict_quant_write(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor,
+                      v_zero: Tensor, slot_pos: Tensor, score: Tensor, k_new: Tensor, v_new: Tensor, votes: Tensor,
+                      cache_position: Tensor, method: str, sinks: int, window: int, pool: int, bits: int,
+                      group_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from rarefy.kernels.kv_cache import evict_quant_write as ref
+
+    return ref(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score, k_new, v_new, votes,
+               cache_position, method, sinks, window, pool, bits, group_size)
+
+
+@evict_quant_write.register_fake
+def _evict_quant_write_fake(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score, *args):
+    return tuple(torch.empty_like(t) for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score))

@@ -34,7 +34,7 @@ from .kivi import _check_bits_group, _quantize_groups
 
 __all__ = [
     "cache_attention", "cache_write", "kivi_attention", "kivi_write", "quantized_count", "evict_attention",
-    "evict_write", "EVICTION_METHODS", "cache_attention_triton", "kivi_attention_triton",
+    "evict_write", "evict_quant_attention", "evict_quant_write", "EVICTION_METHODS", "cache_attention_triton", "kivi_attention_triton",
 ]
 
 EVICTION_METHODS = ("h2o", "snapkv", "streaming")
@@ -225,8 +225,14 @@ def evict_attention(q, k_new, v_new, k_cache, v_cache, slot_pos, cache_position,
 def evict_write(k_cache, v_cache, slot_pos, score, k_new, v_new, votes, cache_position, method: str,
                 sinks: int, window: int, pool: int):
     """Keep the C best of the C + T candidates; returns (k, v, slot_pos, score)."""
-    B, H, C, D = k_cache.shape
-    T = k_new.shape[2]
+    keep, kept_pos, kept_score = select_slots(slot_pos, score, votes, cache_position, method, sinks, window, pool)
+    return gather_slots(k_cache, k_new, keep), gather_slots(v_cache, v_new, keep), kept_pos, kept_score
+
+
+def select_slots(slot_pos, score, votes, cache_position, method: str, sinks: int, window: int, pool: int):
+    """Which C of the C + T candidates (old slots, then new tokens) stay: (keep, positions, scores)."""
+    B, H, C = slot_pos.shape
+    T = cache_position.shape[0]
     end = cache_position[-1:] + 1
     cand_pos = torch.cat([slot_pos, cache_position.view(1, 1, T).expand(B, H, T)], dim=2)
     valid = cand_pos >= 0
@@ -243,10 +249,34 @@ def evict_write(k_cache, v_cache, slot_pos, score, k_new, v_new, votes, cache_po
     rank = torch.where(valid, rank, torch.full_like(priority, float("-inf")))
     # ties (pooled votes make plateaus) go to the newer token, the same on every backend
     keep = torch.topk(rank.double() + cand_pos.double() * 1e-9, C, dim=2).indices
-    index = keep[..., None].expand(B, H, C, D)
-    k = torch.gather(torch.cat([k_cache, k_new], dim=2), 2, index)
-    v = torch.gather(torch.cat([v_cache, v_new], dim=2), 2, index)
-    return k, v, torch.gather(cand_pos, 2, keep), torch.gather(priority, 2, keep)
+    return keep, torch.gather(cand_pos, 2, keep), torch.gather(priority, 2, keep)
+
+
+def gather_slots(old: torch.Tensor, new: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Rows ``keep`` [B, H, C] of cat(old, new) along dim 2 (any trailing dims)."""
+    trailing = old.shape[3:]
+    index = keep.view(*keep.shape, *([1] * len(trailing))).expand(*keep.shape, *trailing)
+    return torch.gather(torch.cat([old, new.to(old.dtype)], dim=2), 2, index)
+
+
+# -- eviction + quantization: per-token codes (a kept slot keeps its own groups) ------------------
+def evict_quant_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos,
+                          cache_position, scale: float, observation: int, bits: int, group_size: int):
+    """``evict_attention`` over slots stored as per-token codes (keys and values grouped along channels)."""
+    k = dequantize_values(k_codes, k_scale, k_zero, bits, group_size, q.dtype)
+    v = dequantize_values(v_codes, v_scale, v_zero, bits, group_size, q.dtype)
+    return evict_attention(q, k_new, v_new, k, v, slot_pos, cache_position, scale, observation)
+
+
+def evict_quant_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score, k_new, v_new, votes,
+                      cache_position, method: str, sinks: int, window: int, pool: int, bits: int, group_size: int):
+    """``evict_write`` with the new tokens quantized per token before the kept slots are gathered."""
+    keep, kept_pos, kept_score = select_slots(slot_pos, score, votes, cache_position, method, sinks, window, pool)
+    new_k = quantize_values(k_new, bits, group_size, k_scale.dtype)
+    new_v = quantize_values(v_new, bits, group_size, v_scale.dtype)
+    stored = [gather_slots(old, new, keep) for old, new in zip((k_codes, k_scale, k_zero, v_codes, v_scale, v_zero),
+                                                               (*new_k, *new_v))]
+    return (*stored, kept_pos, kept_score)
 
 
 def _pool_by_position(votes: torch.Tensor, cand_pos: torch.Tensor, pool: int) -> torch.Tensor:

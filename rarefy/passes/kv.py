@@ -18,6 +18,10 @@ so a kept key never needs re-rotating):
 * ``streaming`` — StreamingLLM (Xiao et al. 2024): ``sinks`` first tokens plus the most
   recent ``budget - sinks``.
 
+With ``bits``, an evicting cache is also quantized (quantization and eviction in one pass):
+keys and values both per token over groups of ``group_size`` channels, because a kept slot
+must keep its own quantization groups (KIVI's per-channel key groups span evictable tokens).
+
 Each layer's cache ops (``rarefy::cache_attention`` / ``cache_write``) and state tensors
 are swapped for the method's (``kivi_*`` / ``evict_*``, math in
 ``rarefy/kernels/kv_cache.py``). Compression methods do not stack on one layer: a layer
@@ -61,8 +65,11 @@ class CompressKV(Pass):
             if residual < 0 or residual % group_size:
                 raise RarefyError(f"CompressKV: residual={residual} must be a multiple of group_size={group_size}")
             return
-        if bits is not None:
-            raise RarefyError(f"CompressKV(method={method!r}) evicts; quantizing an evicted cache is not supported")
+        if bits is not None and (bits not in SUPPORTED_BITS or group_size & (group_size - 1) or group_size < 8 // bits):
+            raise RarefyError(f"CompressKV(method={method!r}, bits={bits}): bits must be in {SUPPORTED_BITS} and "
+                              f"group_size={group_size} a power of two >= {8 // bits}")
+        if pool < 1 or pool % 2 == 0:
+            raise RarefyError(f"CompressKV: pool={pool} must be an odd window of positions")
         if not isinstance(budget, int) or budget < 1:
             raise RarefyError(f"CompressKV(method={method!r}) needs budget=<tokens per layer>, got {budget!r}")
         self.sinks = sinks if sinks is not None else (4 if method == "streaming" else 0)
@@ -82,7 +89,7 @@ class CompressKV(Pass):
         if self.method != "quantize" and self.token_budget > capacity:
             raise RarefyError(f"CompressKV: budget={self.token_budget} is larger than the cache "
                               f"(max_cache_len={capacity})")
-        if self.method == "quantize" and decoder["head_dim"] % self.group_size:
+        if self.bits is not None and decoder["head_dim"] % self.group_size:
             raise RarefyError(f"CompressKV: group_size={self.group_size} must divide the head dim "
                               f"{decoder['head_dim']} (values are grouped along channels)")
 
@@ -149,21 +156,31 @@ class CompressKV(Pass):
     def _evict_layer(self, graph, entry, decoder) -> None:
         i, H, D, C = entry["layer"], entry["num_kv_heads"], entry["head_dim"], self.token_budget
         fp = getattr(torch, decoder["dtype"])
-        state = [StateTensor(f"k_evict_{i}", (H, C, D), fp), StateTensor(f"v_evict_{i}", (H, C, D), fp),
-                 StateTensor(f"slot_pos_{i}", (H, C), torch.int64, fill=-1),
-                 StateTensor(f"score_{i}", (H, C), torch.float32)]
+        if self.bits is None:
+            slots = [StateTensor(f"k_evict_{i}", (H, C, D), fp), StateTensor(f"v_evict_{i}", (H, C, D), fp)]
+            attention_op, write_op, quant = (torch.ops.rarefy.evict_attention.default,
+                                             torch.ops.rarefy.evict_write.default, ())
+        else:  # per-token codes: a kept slot keeps its own groups (KIVI's per-channel key groups would not)
+            G, bits = self.group_size, self.bits
+            slots = [StateTensor(f"{kv}_{part}_{i}", (H, C, D * bits // 8) if part == "codes" else (H, C, D // G),
+                                 torch.uint8 if part == "codes" else torch.float16)
+                     for kv in "kv" for part in ("codes", "scale", "zero")]
+            attention_op, write_op, quant = (torch.ops.rarefy.evict_quant_attention.default,
+                                             torch.ops.rarefy.evict_quant_write.default, (bits, G))
+        state = slots + [StateTensor(f"slot_pos_{i}", (H, C), torch.int64, fill=-1),
+                         StateTensor(f"score_{i}", (H, C), torch.float32)]
         observation = self.window if self.method == "snapkv" else 0
+        n = len(slots)
 
         def attention(gm, q, k_new, v_new, position, scale, cache):
-            node = gm.graph.call_function(torch.ops.rarefy.evict_attention.default,
-                                          (q, k_new, v_new, cache[0], cache[1], cache[2], position, scale,
-                                           observation))
+            node = gm.graph.call_function(attention_op, (q, k_new, v_new, *cache[:n + 1], position, scale,
+                                                         observation, *quant))
             return node, 1  # output 0 is the attention, output 1 the votes
 
         def write(gm, k_new, v_new, position, cache, votes):
-            return gm.graph.call_function(torch.ops.rarefy.evict_write.default,
-                                          (*cache, k_new, v_new, votes, position, self.method, self.sinks,
-                                           self.window, self.pool))
+            return gm.graph.call_function(write_op, (*cache, k_new, v_new, votes, position, self.method, self.sinks,
+                                                     self.window, self.pool, *quant))
 
         rewrite_layer(graph, entry, state, attention, write)
-        entry.update(method=self.method, capacity=C, budget=C, sinks=self.sinks, window=self.window)
+        entry.update(method=self.method if self.bits is None else f"{self.method}+int{self.bits}", capacity=C,
+                     budget=C, sinks=self.sinks, window=self.window)

@@ -109,6 +109,20 @@ def test_eviction_keeps_the_budget(step, ids, dense_logits, method):
             assert set(range(4)) <= set(row.tolist())
 
 
+@pytest.mark.parametrize("method, budget, bits, floor_db", [("h2o", CAPACITY, 4, 25.0), ("streaming", 16, 2, 5.0)])
+def test_eviction_and_quantization_in_one_pass(step, ids, dense_logits, method, budget, bits, floor_db):
+    small = rf.optimize(step, [CompressKV(method, budget=budget, bits=bits, group_size=8)], progress=False)
+    # it fired: per-token codes, slot positions and scores as state
+    assert small.sites("kv_cache")[0].info["method"] == f"{method}+int{bits}"
+    ops = {n.target for n in small.fx.graph.nodes if n.op == "call_function"}
+    assert torch.ops.rarefy.evict_quant_write.default in ops
+    # bytes: codes + fp16 scale/zero per 8 channels + int64 position + fp32 score, per slot and kv head
+    per_slot = 2 * (16 * bits / 8 + 2 * 2 * 2) + 8 + 4
+    assert small.cache_bytes() == 2 * 2 * budget * per_slot  # 2 layers x 2 kv heads
+    # floors ~10 dB under this tiny model (int4 full budget ~38 dB; int2 with 16 of 48 slots ~12 dB)
+    assert sqnr_db(dense_logits, teacher_forced_logits(small, ids, prefill=20)) > floor_db
+
+
 def test_quantize_after_eviction_skips_with_reason(step):
     out = rf.optimize(step, [CompressKV("h2o", budget=32), CompressKV("quantize", bits=4, group_size=8)],
                       progress=False)
@@ -133,9 +147,9 @@ def test_bad_requests_fail_before_any_work(step):
 
 
 def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
-    # one export covers both op families: KIVI on layer 0, SnapKV on layer 1 (targets= selects)
+    # one export covers the op families: KIVI on layer 0, SnapKV + int4 on layer 1 (targets= selects)
     passes = [CompressKV("quantize", bits=4, group_size=8, residual=8, targets="*layers.0.*"),
-              CompressKV("snapkv", budget=12, window=4, targets="*layers.1.*")]
+              CompressKV("snapkv", budget=12, window=4, bits=4, group_size=8, targets="*layers.1.*")]
     small = rf.optimize(rf.capture_decoder(tiny_llama(), max_cache_len=32), passes, progress=False)
     assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [1, 1]
     path = rf.export_onnx(small, tmp_path / "step.onnx")
