@@ -27,7 +27,6 @@ multiple of ``num_kv_heads``; a unit of ``PruneHeads`` is a KV group (a head wit
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import ClassVar
 
@@ -38,8 +37,6 @@ from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
 from .base import Pass, PassResult
-
-log = logging.getLogger(__name__)
 
 METHODS = ("magnitude", "wanda", "flap")
 
@@ -114,9 +111,9 @@ class _PruneStructure(Pass):
             prune_group(gm, group, keep)
             stats[f"pruned_{self.unit_name}"] += remove
             stats["pruned_blocks"] += 1
-            details[block] = {"units": group.units, "removed": removed, "scores": [round(float(s), 6) for s in scores]}
-            notes.append(f"{block}: removed {self.unit_name} {removed} of {group.units} "
-                         f"(lowest {self.method} scores)")
+            details[block] = {"units": group.units, "removed": removed, "scores": _score_summary(scores)}
+            which = removed if len(removed) <= 16 else f"{len(removed)}"
+            notes.append(f"{block}: removed {self.unit_name} {which} of {group.units} (lowest {self.method} scores)")
             self._record(graph, block, group, len(keep))
         return PassResult(graph, True, stats, notes, details)
 
@@ -155,6 +152,14 @@ class PruneHeads(_PruneStructure):
 
 
 # -- statistics and scores ---------------------------------------------------------------------------
+def _score_summary(scores: torch.Tensor):
+    """Every score for a few units (heads); quantiles for many (channels), to keep reports small."""
+    if scores.numel() <= 64:
+        return [round(float(s), 6) for s in scores]
+    q = torch.quantile(scores, torch.tensor([0.0, 0.25, 0.5, 0.75, 1.0], dtype=scores.dtype))
+    return {"min": float(q[0]), "q25": float(q[1]), "median": float(q[2]), "q75": float(q[3]), "max": float(q[4])}
+
+
 def consumer_input_stats(graph, consumers: set[str], batches: list, progress: bool) -> dict[str, dict]:
     """Per consumer weight: channel sum, sum of squares and token count of the linear's input."""
     by_node = {}
