@@ -281,3 +281,17 @@ def evict_quant_write(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes:
 @evict_quant_write.register_fake
 def _evict_quant_write_fake(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score, *args):
     return tuple(torch.empty_like(t) for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, slot_pos, score))
+
+
+@torch.library.custom_op("rarefy::linear_w8a8", mutates_args=())
+def linear_w8a8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W8A8 linear: ``x`` quantized per token to symmetric int8 on the fly, times int8 ``w_q``
+    ``[N, K]`` with per-output-channel scales ``w_scale`` ``[N]``, int32 accumulation, + bias."""
+    from rarefy.kernels.int8_gemm import w8a8_linear_reference
+
+    return w8a8_linear_reference(x, w_q, w_scale, bias)
+
+
+@linear_w8a8.register_fake
+def _linear_w8a8_fake(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))

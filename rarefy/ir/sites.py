@@ -243,3 +243,6 @@ def _fx_kv_cache_sites(graph) -> list[Site]:
     return [Site("kv_cache", entry["name"], [], dict(entry.get("tensors", {})), dict(entry.get("shapes", {})),
                  dict(entry), index=entry.get("layer"))
             for entry in graph.meta.get("kv_cache", [])]
+
+
+from . import onnx_sites  # noqa: E402,F401  (registers the ONNX-dialect finders)
