@@ -44,7 +44,7 @@ class MixedPrecision(Pass):
     dialects = ("fx",)
 
     def __init__(self, avg_bits: float, candidates=(2, 3, 4, 8), group_size: int | None = 64,
-                 symmetric: bool = True, method: str = "sensitivity", quantizer: str = "rtn", *,
+                 method: str = "sensitivity", symmetric: bool = True, quantizer: str = "rtn", *,
                  damp: float = 0.01, act_order: bool = True, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
         candidates = tuple(sorted(set(candidates)))
@@ -92,7 +92,7 @@ class MixedPrecision(Pass):
             details[site.name] = {"bits": b, "params": params[site.name],
                                   "sensitivity": {str(c): v for c, v in sensitivity[site.name].items()}}
             others = ", ".join(f"{c}b {v:.3g}" for c, v in sensitivity[site.name].items())
-            notes.append(f"{site.name}: {b} bits (relative output error at {others})")
+            notes.append(f"{site.name}: {b} bits (output error / residual-stream energy at {others})")
         drop_unused_attrs(graph.fx)
         group = self.group_size or max(s.info["in_features"] for s in chosen)
         overhead = (16 + (0 if self.symmetric else 4)) / group  # fp16-equivalent scale (+ zero point) per group
