@@ -22,7 +22,9 @@ see later in-place edits of the model's parameters.
 
 Graph breaks give several graphs; each is optimized on its own. A graph rarefy cannot use
 (no site for the passes, a capture that fails, inputs other than tensors and their sizes,
-writes into a parameter or buffer such as a cache) falls back to Dynamo's own graph, with the reason logged and kept in ``backend.subgraphs``.
+writes into a parameter or buffer such as a cache) falls back to Dynamo's own graph, with
+the reason logged and kept in ``backend.subgraphs``. Other errors (a pass that fails, an
+exact pass beyond its tolerance) are bugs to see, not to hide: torch.compile raises them.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ class Subgraph:
     """One graph Dynamo handed over: what rarefy did with it, and why."""
 
     index: int
-    status: str  # "optimized" | "fallback" | "pending calibration"
+    status: str  # "compiling" | "pending calibration" | "optimized" | "fallback"
     reason: str = ""
     graph: Any = None  # the optimized rf.Graph
     report: Any = None  # its rf.Report
@@ -61,7 +63,7 @@ class DynamoBackend:
     """A ``torch.compile`` backend: ``fn(gm, example_inputs) -> callable``."""
 
     def __init__(self, passes: Sequence, calibration: int | None = None, backend: str = "torch",
-                 verify: bool = False, **optimize_kwargs):
+                 verify: bool = False, backend_options: dict | None = None, **optimize_kwargs):
         from .backends import BACKENDS
         from .passes.manager import validate_order
 
@@ -82,6 +84,7 @@ class DynamoBackend:
         self.passes = list(passes)
         self.calibration = calibration
         self.backend = backend
+        self.backend_options = dict(backend_options or {})
         self.verify = verify
         self.optimize_kwargs = {"progress": False, **optimize_kwargs}
         self.subgraphs: list[Subgraph] = []
@@ -92,7 +95,7 @@ class DynamoBackend:
         return [s.report for s in self.subgraphs if s.report is not None]
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> Any:
-        record = Subgraph(index=len(self.subgraphs), status="pending calibration")
+        record = Subgraph(index=len(self.subgraphs), status="compiling")
         self.subgraphs.append(record)
         try:
             frozen = freeze(gm, example_inputs)
@@ -100,6 +103,7 @@ class DynamoBackend:
             return self._fall_back(record, gm, str(exc))
         if self.calibration is None:
             return self._compile(record, gm, frozen, example_inputs, calibration=None)
+        record.status = "pending calibration"
         return _CalibratingFunction(self, record, gm, frozen, self.calibration)
 
     def _compile(self, record: Subgraph, gm, frozen: "Frozen", example_inputs, calibration):
@@ -112,7 +116,7 @@ class DynamoBackend:
                 graph.meta["source"] = f"dynamo graph {record.index}"
                 optimized = api.optimize(graph, self.passes, calibration=calibration, verify=self.verify,
                                          **self.optimize_kwargs)
-                compiled = backends.compile_graph(optimized, self.backend)
+                compiled = backends.compile_graph(optimized, self.backend, **self.backend_options)
         except (CaptureError, UnsupportedError, InputMismatchError) as exc:
             return self._fall_back(record, gm, f"{type(exc).__name__}: {exc}")
         record.status, record.graph, record.report = "optimized", optimized, optimized.report
@@ -128,16 +132,18 @@ class DynamoBackend:
 
 
 def dynamo_backend(passes: Sequence, calibration: int | None = None, backend: str = "torch",
-                   verify: bool = False, **optimize_kwargs) -> DynamoBackend:
+                   verify: bool = False, backend_options: dict | None = None, **optimize_kwargs) -> DynamoBackend:
     """A ``torch.compile`` backend that runs ``passes`` over every graph Dynamo captures.
 
-    ``backend`` lowers each optimized graph ("torch", "onnxruntime" or "triton").
+    ``backend`` lowers each optimized graph ("torch", "onnxruntime" or "triton"), with
+    ``backend_options`` (e.g. ``{"optimize": False, "threads": 2}`` for ONNX Runtime).
     ``calibration=N`` runs each graph unchanged for its first N calls, records their inputs
     and then optimizes it with them as calibration batches (for calibrated methods such as
     GPTQ); ``verify`` and the remaining keywords (``budget``, ``progress``) go to
     ``rf.optimize``. ``.subgraphs`` / ``.reports`` say what happened to every graph.
     """
-    return DynamoBackend(passes, calibration=calibration, backend=backend, verify=verify, **optimize_kwargs)
+    return DynamoBackend(passes, calibration=calibration, backend=backend, verify=verify,
+                         backend_options=backend_options, **optimize_kwargs)
 
 
 class _CalibratingFunction:

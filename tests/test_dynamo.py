@@ -163,7 +163,8 @@ def test_dynamic_shapes_recompile_into_a_dynamic_rarefy_graph():
 @pytest.mark.parametrize("lowering", ["onnxruntime", "triton"])
 def test_every_lowering_backend_runs_inside_torch_compile(lowering):
     model = _MLP().eval()
-    backend = rf.dynamo_backend([rf.passes.QuantizeWeights(bits=8)], backend=lowering)
+    options = {"optimize": False} if lowering == "onnxruntime" else {}  # ORT's graph rewrites off: exact numbers
+    backend = rf.dynamo_backend([rf.passes.QuantizeWeights(bits=8)], backend=lowering, backend_options=options)
     compiled = torch.compile(model, backend=backend)
     x = torch.randn(4, 32)
     with torch.no_grad():
