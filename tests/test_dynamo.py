@@ -201,6 +201,17 @@ def test_bad_arguments_fail_before_compiling():
         rf.dynamo_backend([rf.passes.QuantizeWeights(bits=8)], calibration=[torch.randn(2, 32)])
     with pytest.raises(rf.PassError, match="not a rarefy pass"):
         rf.dynamo_backend(["QuantizeWeights"])
+    with pytest.raises(rf.CalibrationError, match="calibration=N"):
+        rf.dynamo_backend([_NeedsData()])
+
+
+class _NeedsData(rf.passes.Pass):
+    """Test-only pass that needs calibration data (as GPTQ does) and changes nothing."""
+
+    needs_calibration = True
+
+    def call(self, graph, ctx):
+        return rf.passes.PassResult(graph, False)
 
 
 @pytest.mark.slow
