@@ -25,7 +25,6 @@ Dialect: FX. Dtypes: fp32 / fp16.
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -34,8 +33,6 @@ from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
 from .quantize import WEIGHT_QUANTIZERS, dequantize_blocks, quantize_blocks
-
-log = logging.getLogger(__name__)
 
 GRID = 20  # alpha in {0, 1/20, ..., 19/20}, as in the reference implementation
 SEARCH_ROWS = 2048  # output rows per linear used to score a candidate scale
