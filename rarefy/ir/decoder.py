@@ -26,7 +26,6 @@ compressed cache) and compares the logits.
 from __future__ import annotations
 
 import contextlib
-import logging
 from typing import Any
 
 import torch
@@ -38,7 +37,6 @@ from .errors import CaptureError, InputMismatchError
 from .graph import Graph
 from .signature import Signature
 
-log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "rarefy_kv_step"
 _ACTIVE: list["_StepState"] = []  # the step being traced (attention reads its cache from here)

@@ -6,7 +6,7 @@ import transformers as tf
 
 import rarefy as rf
 from rarefy.eval.metrics import sqnr_db
-from rarefy.ir.decoder import teacher_forced_logits
+from rarefy.ir.decoder import initial_state, teacher_forced_logits
 from rarefy.passes import CompressKV
 
 CAPACITY = 64
@@ -99,8 +99,7 @@ def test_eviction_keeps_the_budget(step, ids, dense_logits, method):
     assert torch.isfinite(logits).all()
     assert 0.0 < sqnr_db(dense_logits, logits) < 60.0
     # the kept slots: recent window always, plus sinks for streaming
-    out = small(ids[:, :40], torch.arange(40), *[t for t in small.meta["example_inputs"][0][2:]][:0],
-                *__import__("rarefy.ir.decoder", fromlist=["x"]).initial_state(small, 2))
+    out = small(ids[:, :40], torch.arange(40), *initial_state(small, 2))
     kept = out[small.signature.names.index("slot_pos_0") - 1]
     window = small.sites("kv_cache")[0].info["window"]
     for row in kept.reshape(-1, 16):
