@@ -133,7 +133,25 @@ def minilm(quick: bool) -> list[dict]:
     return rows
 
 
-def smollm2(quick: bool) -> list[dict]:
+def untimed_quality(quick: bool) -> dict:
+    """Quality only (no timing, so no lock needed): MergeTokens cosine on MiniLM in torch, SmolLM2 quality."""
+    model, tokenizer = load_minilm(attn_implementation="sdpa")
+    batch = data.token_batches(tokenizer, "kjv", "evaluation", n_batches=1, batch_size=32, seq_len=128, seed=0)[0]
+    graph = rf.capture(model, batch)
+    reference = mean_pool_embedding(graph(**batch)[0], batch["attention_mask"])
+    rows = []
+    for r in (8, 16):
+        g = rf.optimize(graph, [rf.passes.MergeTokens(r=r)], verify=False, progress=False)
+        cos = torch.nn.functional.cosine_similarity(mean_pool_embedding(g(**batch)[0], batch["attention_mask"]),
+                                                    reference, dim=-1)
+        rows.append({"model": "all-MiniLM-L6-v2", "config": f"MergeTokens r={r}", "quantization": "none",
+                     "runtime": "torch (untimed)", "cosine_mean": round(float(cos.mean()), 4),
+                     "cosine_min": round(float(cos.min()), 4)})
+        log.info("%s", rows[-1])
+    return {"minilm_merge_quality": rows, "smollm2_quality": smollm2(quick, timed_latency=False)}
+
+
+def smollm2(quick: bool, timed_latency: bool = True) -> list[dict]:
     model, tokenizer = load_smollm2(attn_implementation="sdpa")
     n_prompts = 4 if quick else 8
     windows = data.token_batches(tokenizer, "kjv", "evaluation", n_batches=1, batch_size=n_prompts,
@@ -156,16 +174,16 @@ def smollm2(quick: bool) -> list[dict]:
             nll.append(torch.nn.functional.cross_entropy(last, ids[:, length], reduction="none"))
         top1, nll = torch.stack(top1), torch.stack(nll)
         reference_top1 = top1 if reference_top1 is None else reference_top1
-        session = rf.compile(g, "onnxruntime", threads=THREADS)
         row = {"model": "SmolLM2-135M", "config": name, "prompts": n_prompts, "prompt_tokens": 512,
                "top1_agreement": round(float((top1 == reference_top1).float().mean()), 4),
-               "continuation_ppl": round(float(nll.mean().exp()), 3),
-               "prefill_latency_ms": round(timed(session, example, 3 if quick else 5), 1)}
+               "continuation_ppl": round(float(nll.mean().exp()), 3)}
+        if timed_latency:
+            session = rf.compile(g, "onnxruntime", threads=THREADS)
+            row["prefill_latency_ms"] = round(timed(session, example, 3 if quick else 5), 1)
         log.info("%s", row)
         rows.append(row)
-    base = rows[0]["prefill_latency_ms"]
-    for row in rows:
-        row["speedup_vs_unpruned_ort"] = round(base / row["prefill_latency_ms"], 2)
+    for row in rows if timed_latency else []:
+        row["speedup_vs_unpruned_ort"] = round(rows[0]["prefill_latency_ms"] / row["prefill_latency_ms"], 2)
     return rows
 
 
@@ -207,9 +225,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke mode: fewer configs and runs")
     parser.add_argument("--skip-smollm2", action="store_true")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="untimed: MergeTokens cosine (torch) and SmolLM2 quality -> results/tokens_quality.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(THREADS)
+    if args.quality_only:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "tokens_quality.json").write_text(json.dumps(untimed_quality(args.quick), indent=2))
+        return
     import onnxruntime
     import transformers
 
