@@ -110,6 +110,16 @@ def build_variants(workdir: Path, graph, loaded_fp32, calibration, evaluation) -
     return variants
 
 
+def reuse_variants(workdir: Path) -> dict[str, dict]:
+    """The variants' files from an earlier run's work directory (``--reuse``), not rebuilt."""
+    files = {"ORT fp32": "fp32.onnx", "ORT quantize_dynamic default": "ort_dynamic_default.onnx",
+             "ORT quantize_dynamic per-channel": "ort_dynamic_per_channel.onnx", "rarefy W8A8": "rarefy_W8A8.onnx",
+             "rarefy SmoothQuant + W8A8": "rarefy_SmoothQuant__W8A8.onnx", "rarefy int4 g32": "rarefy_int4_g32.onnx",
+             "rarefy int4 g64": "rarefy_int4_g64.onnx", "rarefy W8A8 (ONNX file in place)": "rarefy_w8a8_from_onnx.onnx"}
+    return {name: {"path": workdir / f, "tool": "onnxruntime" if name.startswith("ORT") else "rarefy",
+                   "recipe": "built by an earlier run of this script (--reuse)"} for name, f in files.items()}
+
+
 def measure(variants: dict, timing_batch: dict, quality_batches: dict, runs: int) -> None:
     sessions = {name: session(v["path"]) for name, v in variants.items()}
     reference = {k: embeddings(sessions["ORT fp32"], b) for k, b in quality_batches.items()}
@@ -194,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: small batch, 2 timed runs, no results file")
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument("--reuse", type=Path, help="measure the ONNX files an earlier run built in this directory")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     log.setLevel(logging.INFO)
@@ -204,12 +215,21 @@ def main() -> None:
     sentences = sentence_batches(tokenizer, "kjv", "evaluation", n_batches=1, batch_size=batch_size,
                                  max_len=seq_len, seed=1)[0]
     calibration = token_batches(tokenizer, "pydoc", "calibration", n_batches=4, batch_size=8, seq_len=128)
+    if args.reuse:
+        del model  # only the sessions are needed: keep memory low on the shared machine
+        variants = reuse_variants(args.reuse)
+        measure(variants, windows, {"windows": windows, "sentences": sentences}, runs)
+        return finish(args, variants, batch_size, seq_len, runs)
     graph = rf.capture(model, windows)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         loaded = rf.load(rf.export_onnx(graph, workdir / "fp32.onnx"))
         variants = build_variants(workdir, graph, loaded, calibration, [sentences])
         measure(variants, windows, {"windows": windows, "sentences": sentences}, runs)
+    finish(args, variants, batch_size, seq_len, runs)
+
+
+def finish(args, variants: dict, batch_size: int, seq_len: int, runs: int) -> None:
     for v in variants.values():
         v["path"] = v["path"].name
     result = {
@@ -219,6 +239,8 @@ def main() -> None:
         "quality_batches": {"windows": f"{batch_size} windows of {seq_len} tokens (the timed batch)",
                             "sentences": f"{batch_size} sentences padded to {seq_len}"},
         "variants": variants, "targets": verdict(variants),
+        "build": (f"files reused from an earlier run of this script (--reuse {args.reuse.name}) that built them and "
+                  "was then killed (out of memory on the shared machine) before measuring") if args.reuse else "this run",
     }
     print(markdown(result))
     if args.quick:
