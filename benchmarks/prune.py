@@ -34,11 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import rarefy as rf  # noqa: E402
 from rarefy.eval import describe, perplexity, token_batches  # noqa: E402
 from rarefy.models import load_smollm2  # noqa: E402
+from rarefy.ir.calibration import Calibration  # noqa: E402
 from rarefy.passes import DropLayers, Sparsify  # noqa: E402
+from rarefy.passes.manager import PassContext  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LOCK = "/tmp/rarefy-bench.lock"
 PARTS = ("sparsity", "layers", "dense")
+METHODS = ("magnitude", "wanda", "sparsegpt")  # --methods: a subset
+LATENCY = True  # --no-latency: perplexity only (ORT latency waits for the shared lock)
 THREADS = 2
 TARGETS = {  # the issue's targets: perplexity ratios to the dense model
     "magnitude unstructured (reference x8.5)": 8.5, "magnitude 2:4 (reference x24)": 24.0,
@@ -99,18 +103,20 @@ def torch_prune_baseline(model, calibration_sites: list[str], evaluation) -> dic
 def sparsity_grid(graph, model, calibration, evaluation, dense_ppl, workdir, quick, save_partial) -> dict:
     rows = []
     block_linears = [n for b in graph.sites("block") for n in b.info["linears"]]
-    base = torch_prune_baseline(model, block_linears, evaluation)
-    rows.append({"method": "torch.nn.utils.prune.l1_unstructured", "pattern": "unstructured",
-                 "perplexity": base["perplexity"], "ratio": base["perplexity"] / dense_ppl,
-                 "bytes": base["state_dict_bytes"], "bytes_kind": "state_dict", "note": base["note"]})
-    log.info("torch prune baseline: %s", rows[-1])
-    for pattern in ("unstructured", "2:4"):
-        for method in ("magnitude", "wanda", "sparsegpt"):
+    if "magnitude" in METHODS:
+        base = torch_prune_baseline(model, block_linears, evaluation)
+        rows.append({"method": "torch.nn.utils.prune.l1_unstructured", "pattern": "unstructured",
+                     "perplexity": base["perplexity"], "ratio": base["perplexity"] / dense_ppl,
+                     "bytes": base["state_dict_bytes"], "bytes_kind": "state_dict", "note": base["note"]})
+        log.info("torch prune baseline: %s", rows[-1])
+    ctx = PassContext(calibration=Calibration(calibration), progress=False)
+    for method in METHODS:
+        for pattern in ("unstructured", "2:4"):
             start = time.perf_counter()
-            out = rf.optimize(graph, [Sparsify(0.5, pattern=pattern, method=method)], calibration=calibration,
-                              verify=False, progress=False)
+            # the pass on one copy (what rf.optimize(verify=False) does, without its second copy: memory)
+            row = Sparsify(0.5, pattern=pattern, method=method)(graph.copy(), ctx)
+            out = row.graph
             seconds = time.perf_counter() - start
-            row = out.report.rows[-1]
             ppl = perplexity(out, evaluation)
             entry = {"method": method, "pattern": pattern, "perplexity": ppl, "ratio": ppl / dense_ppl,
                      "pass_seconds": seconds, "sparse_linears": row.stats["sparse_linear"],
@@ -118,7 +124,7 @@ def sparsity_grid(graph, model, calibration, evaluation, dense_ppl, workdir, qui
                      "weight_bytes_stored": row.details["total"]["stored_bytes"],
                      "weight_bytes_dense": row.details["total"]["dense_bytes"], "notes": row.notes[-2:]}
             entry["parameter_bytes"] = out.parameter_bytes()
-            if method == "wanda" and pattern == "2:4" and not quick:
+            if method == "wanda" and pattern == "2:4" and not quick and LATENCY:
                 entry["bytes"] = onnx_bytes(out, workdir, "wanda-2of4")
                 entry["bytes_kind"] = "onnx file"
             rows.append(entry)
@@ -144,7 +150,7 @@ def layer_grid(graph, calibration, evaluation, dense_ppl, latency_batch, repeats
                      "ratio": ppl / dense_ppl, "pass_seconds": seconds, "params_bytes": out.parameter_bytes(),
                      "scores": {n: d["score"] for n, d in row.details.items() if isinstance(d, dict)}}
             entry["calibration_tokens"] = sum(b["input_ids"].numel() for b in batches)
-            if metric == "cosine" and not quick:
+            if metric == "cosine" and not quick and LATENCY:
                 entry["ort_latency_ms"] = ort_latency_ms(out, latency_batch, repeats)
             rows.append(entry)
             log.info("layers %s", {k: v for k, v in entry.items() if k != "scores"})
@@ -181,7 +187,8 @@ def run(quick: bool, part: str) -> dict:
               "latency_input": f"1 x {seq} tokens, ONNX Runtime graph optimisations on, {THREADS} threads, "
                                f"median of {repeats}",
               "targets": TARGETS, "dense": {"perplexity": dense_ppl}}
-    stem = f"prune_{part}" + ("_quick" if quick else "")
+    stem = f"prune_{part}" + ("_quick" if quick else "") + ("" if LATENCY or part != "layers" else "_ppl") \
+        + ("" if part != "sparsity" or METHODS == ("magnitude", "wanda", "sparsegpt") else "_" + "_".join(METHODS))
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if part == "sparsity":
@@ -201,12 +208,19 @@ def run(quick: bool, part: str) -> dict:
 def merge(quick: bool, with_structured: bool) -> dict:
     """prune.json / prune.md from the saved parts (run as separate processes)."""
     suffix = "_quick" if quick else ""
-    parts = {p: json.loads((RESULTS / f"prune_{p}{suffix}.json").read_text()) for p in PARTS
-             if (RESULTS / f"prune_{p}{suffix}.json").exists()}
+    parts = {}
+    for part in PARTS:
+        for stem in (f"prune_{part}{suffix}", f"prune_{part}{suffix}_ppl"):  # _ppl: run with --no-latency
+            if part not in parts and (RESULTS / f"{stem}.json").exists():
+                parts[part] = json.loads((RESULTS / f"{stem}.json").read_text())
     result = dict(parts.get("dense") or next(iter(parts.values())))
-    for part in ("sparsity", "layers"):
-        if part in parts:
-            result[part] = parts[part][part]
+    if "layers" in parts:
+        result["layers"] = parts["layers"]["layers"]
+    # sparsity may come from several runs (--methods subsets): concatenate their rows
+    runs = [json.loads(f.read_text()) for f in sorted(RESULTS.glob(f"prune_sparsity{suffix}*.json"))
+            if quick == f.stem.startswith("prune_sparsity_quick")]
+    if runs:
+        result["sparsity"] = {"rows": [row for run in runs for row in run["sparsity"]["rows"]]}
     if with_structured:
         result["structured"] = structured(quick)
     (RESULTS / f"prune{suffix}.json").write_text(json.dumps(result, indent=2, default=str))
@@ -225,7 +239,7 @@ def markdown(result: dict) -> str:
              "## Sparsity (50% of every block linear)", "",
              "| method | pattern | perplexity | x dense | block-linear weights stored | artifact |",
              "|---|---|---|---|---|---|"]
-    for r in result["sparsity"]["rows"]:
+    for r in result.get("sparsity", {}).get("rows", []):
         stored = (f"{r['weight_bytes_stored'] / 1e6:.1f} MB of {r['weight_bytes_dense'] / 1e6:.1f} MB"
                   if "weight_bytes_stored" in r else "dense + mask")
         artifact = f"{r['bytes'] / 1e6:.1f} MB ({r['bytes_kind']})" if "bytes" in r else ""
@@ -234,7 +248,7 @@ def markdown(result: dict) -> str:
               "compressed weights and the graph expands them to dense.", "",
               "## Layer dropping (25% of the units: 7 of 30)", "",
               "| unit | metric | perplexity | x dense | parameters | ORT latency | dropped |", "|---|---|---|---|---|---|---|"]
-    for r in result["layers"]["rows"]:
+    for r in result.get("layers", {}).get("rows", []):
         latency = f"{r['ort_latency_ms']:.0f} ms" if "ort_latency_ms" in r else ""
         dropped = ", ".join(n.split(".")[2] for n in r["dropped"])
         lines.append(f"| {r['unit']} | {r['metric']} | {r['perplexity']:.2f} | {r['ratio']:.2f} | "
@@ -256,9 +270,14 @@ def main() -> None:
     parser.add_argument("--part", choices=PARTS + ("all",), default="all",
                         help="run one part (parts can run as parallel processes), then --part merge... or all")
     parser.add_argument("--merge", action="store_true", help="only merge the saved parts into prune.json / .md")
+    parser.add_argument("--methods", default="magnitude,wanda,sparsegpt", help="sparsity methods to run")
+    parser.add_argument("--no-latency", action="store_true", help="skip ONNX Runtime latency and ONNX files (memory, time)")
     parser.add_argument("--no-structured", action="store_true", help="skip benchmarks/prune_structured.py")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    global LATENCY, METHODS
+    LATENCY = not args.no_latency
+    METHODS = tuple(args.methods.split(","))
     if not args.merge:
         for part in PARTS if args.part == "all" else (args.part,):
             run(args.quick, part)
