@@ -206,8 +206,12 @@ def markdown(result: dict) -> str:
     for r in q["rows"]:
         lines.append(f"| {r['config']} | {r['cache_bytes_per_token']:.0f} | {r['cache_bytes_vs_fp32']:.3f}x | "
                      f"{r['perplexity']:.3f} | {_percent(r['perplexity_increase'])} | {r['greedy_agreement']:.3f} |")
-    lines += ["", f"HF generate (default cache) agrees with rarefy's fp32 step on "
-              f"{q['hf_generate_agrees_with_rarefy_fp32_step']:.3f} of greedy tokens.", ""]
+    hf = q.get("hf_generate_agrees_with_rarefy_fp32_step")
+    if hf is not None:
+        lines += ["", f"HF generate (default cache) agrees with rarefy's fp32 step on {hf:.3f} of greedy tokens.", ""]
+    missing = [name for name, _ in configs(q["context"]) if name not in {r["config"] for r in q["rows"]}]
+    if missing:
+        lines += ["", "Not measured in this run: " + ", ".join(missing) + ".", ""]
     sp = result.get("speed")
     if sp:
         lines += [f"Decode speed at {sp['context']} tokens of context ({sp['threads']} threads, median of "
