@@ -87,12 +87,9 @@ def test_optimize_onnx_file(onnx_file, tmp_path, capsys):
                                atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.xfail(reason="QuantizeWeights on ONNX files needs linear sites for the onnx dialect "
-                          "(rarefy/ir/onnx_sites.py), not written yet", raises=SystemExit, strict=False)
 def test_optimize_onnx_file_with_default_recipe(onnx_file, tmp_path, capsys):
     code, out, err = _optimize(capsys, onnx_file, "-o", tmp_path / "out", *SMALL_DATA)
-    if code != 0:
-        raise SystemExit(err)
+    assert code == 0, err
     report = _check_artifacts(tmp_path / "out", ["EliminateDeadCode", "QuantizeWeights"])
     assert report.row("QuantizeWeights").stats["quantized_linear"] == 2
     # int8 per-channel weights: torchao uses ~45 dB for int8; 35 leaves room for random inputs
