@@ -17,6 +17,9 @@ def atomic_path(path, suffix: str = ""):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
         os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get ordinary file permissions
     except OSError as exc:
         raise RarefyError(f"cannot write {path}: {exc.strerror or exc}") from exc
     try:
