@@ -15,10 +15,12 @@ Sequential, with bounded memory: ``run_lockstep`` runs the graph node by node fo
 calibration batches; the hook at each chosen linear builds its Hessian from that node's
 per-batch inputs (shared by linears that read the same input: q/k/v, gate/up), quantizes
 the weight and writes the dequantized weight back, so later layers calibrate on the
-quantized model's activations. Only the current block's activations are held. The original
-weights are restored afterwards (tied weights, e.g. an embedding shared with ``lm_head``,
-stay exact) and the codes go to the packed rewrite of ``QuantizeWeights``. The grid is
-RTN's (``group_scales`` / ``quantize_with``), so GPTQ and RTN differ only in rounding.
+quantized model's activations. Only the current node's activations are held. The pass owns
+its copy of the graph, so a dequantized weight simply replaces the original (freeing it)
+until the packed rewrite of ``QuantizeWeights`` replaces it in turn; only a weight that other
+nodes also read (tied, e.g. an embedding shared with ``lm_head``) is restored afterwards. The grid is
+RTN's (``group_scales`` / ``quantize_with``) with the clipping range of each group searched
+(``_grid``), so GPTQ and RTN differ only in that search and in rounding.
 Dialect: FX. Dtypes: fp32 / fp16 weights (GPTQ runs in fp32).
 """
 from __future__ import annotations
@@ -123,12 +125,31 @@ def _gptq(weight, h, bits, group_size, symmetric, damp, act_order, block_columns
 
 
 def _grid(w: torch.Tensor, group: int, bits: int, symmetric: bool):
-    """Scales / zeros [N, n_groups] of the contiguous column groups of ``w [N, K]``."""
+    """Scales / zeros [N, n_groups] of the contiguous column groups of ``w [N, K]``.
+
+    The clipping range is searched as in the reference implementation's ``mse`` option: the
+    group's range shrunk by ``1 - i / 100`` for ``i < 20``, keeping per group the shrink with
+    the smallest ``sum |w - q(w)|^2.4``."""
     n, k = w.shape
     n_groups = -(-k // group)
     padded = torch.nn.functional.pad(w, (0, n_groups * group - k)).reshape(n, n_groups, group)
     valid = (torch.arange(n_groups * group) < k).reshape(n_groups, group)
-    return group_scales(padded, valid, bits, symmetric)
+    best_scales, best_zeros = group_scales(padded, valid, bits, symmetric)
+    best_err = _grid_error(padded, valid, best_scales, best_zeros, bits)
+    for i in range(1, 20):
+        scales, zeros = group_scales(padded * (1 - i / 100), valid, bits, symmetric)
+        err = _grid_error(padded, valid, scales, zeros, bits)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scales = torch.where(better, scales, best_scales)
+        best_zeros = torch.where(better, zeros, best_zeros)
+    return best_scales, best_zeros
+
+
+def _grid_error(w, valid, scales, zeros, bits):
+    q = (quantize_with(w, scales, zeros, bits) - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
+    return ((w - q).abs().pow(2.4) * valid).sum(-1)
+
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -185,7 +206,8 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         codes, scales, zeros, deq = gptq_quantize(weight, hessians[source], bits[site.name], group_size,
                                                   symmetric, damp, act_order)
         results[site.name] = to_blocks(codes, scales, zeros, group_size)
-        originals.setdefault(path, weight)
+        if _readers_of(gm, path) > 1:
+            originals.setdefault(path, weight)
         _set_tensor(gm, path, deq.to(weight.dtype))  # later layers see this layer quantized
         readers[source] -= 1
         if readers[source] == 0:
@@ -201,6 +223,11 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         for path, weight in originals.items():
             _set_tensor(gm, path, weight)
     return results
+
+
+def _readers_of(gm: torch.fx.GraphModule, path: str) -> int:
+    """How many nodes read the module attribute ``path``."""
+    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == path)
 
 
 def _set_tensor(gm: torch.nn.Module, path: str, value: torch.Tensor) -> None:

@@ -75,7 +75,9 @@ def run_pipeline(graph, passes: list[Pass], calibration=None, evaluation=None, v
         p.check(graph, ctx)
     report = Report(calibration=calib.description if calib else None, evaluation=eval_text, verified=verify)
     reference = [graph.run_batch(b) for b in held_out] if verify else None
-    current = graph.copy()
+    # each pass works on its own copy, so the input (and the last accepted graph, kept for a
+    # rollback) is never mutated; one copy of the model is alive at a time, not two
+    current = graph
     report.rows.append(_measure({"pass": "<input>"}, "input", current, reference, held_out, 0.0))
     for i, p in enumerate(passes):
         start = time.perf_counter()
@@ -102,6 +104,8 @@ def run_pipeline(graph, passes: list[Pass], calibration=None, evaluation=None, v
             current = result.graph
             current.recipe = current.recipe + [p.spec()]
         report.rows.append(record)
+    if current is graph:  # nothing applied: still hand back a new graph, never the input itself
+        current = graph.copy()
     current.report = report
     return current
 

@@ -2,8 +2,11 @@
 
 Method: each linear weight ``W [N, K]`` is split along K into blocks of ``group_size``
 (or one block spanning K: per output channel) and mapped to ``bits``-bit integer codes,
-``W ≈ (code - zero) * scale``. Symmetric: ``scale = max|W_block| / (2**(bits-1) - 1)``,
-zero ``2**(bits-1)``; asymmetric: ``scale = (max - min) / (2**bits - 1)`` over a range that
+``W ≈ (code - zero) * scale``. Symmetric: zero ``2**(bits-1)`` and
+``scale = -w_ext / 2**(bits-1)`` with ``w_ext`` the block's value of largest magnitude, so it
+lands exactly on code 0 and the other side keeps ``2**(bits-1) - 1`` levels: all ``2**bits``
+codes are used (the scale may be negative; ONNX Runtime's blockwise quantizer and llama.cpp's
+Q4_0 use the same grid, which beats ``max|W| / (2**(bits-1) - 1)``); asymmetric: ``scale = (max - min) / (2**bits - 1)`` over a range that
 includes 0, ``zero = round(-min / scale)``. ``method="rtn"`` rounds to nearest
 (the baseline of every PTQ paper, e.g. GPTQ, Frantar et al. 2023, Table 1).
 
@@ -62,8 +65,9 @@ def quantize_blocks(weight: torch.Tensor, bits: int, group_size: int | None, sym
 def group_scales(w: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: bool):
     """Scales and integer zero points of groups ``w [..., G]`` (``valid`` masks padding)."""
     qmax = (1 << bits) - 1
-    if symmetric:
-        scales = w.abs().amax(-1) / ((1 << (bits - 1)) - 1)
+    if symmetric:  # the signed extreme maps to code 0 (-2**(bits-1)): all 2**bits levels are used
+        extreme = w.gather(-1, w.abs().argmax(-1, keepdim=True)).squeeze(-1)
+        scales = extreme / -(1 << (bits - 1))
         zeros = torch.full_like(scales, 1 << (bits - 1), dtype=torch.int64)
     else:
         big = torch.finfo(torch.float32).max
@@ -71,7 +75,7 @@ def group_scales(w: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: boo
         hi = torch.where(valid, w, -big).amax(-1).clamp(min=0)
         scales = (hi - lo) / qmax
         zeros = torch.round(-lo / torch.where(scales > 0, scales, 1)).clamp(0, qmax).to(torch.int64)
-    return torch.where(scales > 0, scales, torch.ones_like(scales)), zeros
+    return torch.where(scales != 0, scales, torch.ones_like(scales)), zeros
 
 
 def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor:
