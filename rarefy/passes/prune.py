@@ -23,7 +23,10 @@ units, ``floor(fraction * units)``; ``count=`` asks for an exact number per bloc
 global, standardised ranking is not implemented. Grouped-query attention is pruned by whole
 KV groups: a KV head and the query heads that read it go together, so ``num_heads`` stays a
 multiple of ``num_kv_heads``; a unit of ``PruneHeads`` is a KV group (a head without GQA).
-``fraction=0`` changes nothing. FX dialect only; the ONNX dialect is not implemented.
+``fraction=0`` changes nothing. Both dialects: ONNX-dialect graphs (``rf.load`` of a file
+exported from a Hugging Face model) get their groups from ``rarefy.ir.onnx_structure`` and
+their rewrite from ``prune_onnx`` (new initializers, patched Reshape/Expand shape constants,
+calibration statistics from ONNX Runtime); scoring is this module's, shared.
 """
 from __future__ import annotations
 
@@ -35,6 +38,7 @@ import torch
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
+from ..ir.onnx_structure import onnx_dependency_groups
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
 from .base import Pass, PassResult
 
@@ -47,6 +51,7 @@ class _PruneStructure(Pass):
 
     group_kind: ClassVar[str]
     unit_name: ClassVar[str]
+    dialects = ("fx", "onnx")
 
     def __init__(self, fraction: float = 0.0, method: str = "magnitude", count: int | None = None, *,
                  targets=None, ignore=None, budget=None):
@@ -63,13 +68,16 @@ class _PruneStructure(Pass):
     # -- analysis ---------------------------------------------------------------------------------
     def _plan(self, graph) -> tuple[dict[str, tuple[DependencyGroup, int]], list[str]]:
         """{block: (group, units to remove)} and the notes of every block left alone."""
-        all_groups = dependency_groups(graph)
+        all_groups = dependency_groups(graph) if graph.dialect == "fx" else onnx_dependency_groups(graph)
         groups = [g for g in all_groups if g.kind == self.group_kind]
         notes = [f"group {g.index} ({', '.join(g.blocks) or 'no block'}): not pruned ({g.reason})"
                  for g in all_groups if not g.prunable and g.kind in (self.group_kind, "hidden")]
         by_block = {g.blocks[0]: g for g in groups if g.prunable}
         chosen, skipped = self.select(sorted(by_block))
         notes += [f"{block}: skipped ({why})" for block, why in skipped.items()]
+        unreadable = [g for g in groups if getattr(g, "error", "") and g.blocks[0] in self.select(g.blocks)[0]]
+        if unreadable:  # a shape the analysis cannot read must not be skipped silently
+            raise UnsupportedError(unreadable[0].error)
         plan = {}
         for block in chosen:
             group = by_block[block]
@@ -95,20 +103,25 @@ class _PruneStructure(Pass):
         stats = {f"pruned_{self.unit_name}": 0, "pruned_blocks": 0, "bias_compensated": 0}
         if not plan:
             return PassResult(graph, False, stats, notes)
+        groups = [group for group, _ in plan.values()]
+        if graph.dialect == "onnx":
+            from .prune_onnx import OnnxRewrite
+
+            rewrite = OnnxRewrite(graph, groups)
+        else:
+            rewrite = _FxRewrite(graph)
         activations = {}
         if self.method != "magnitude":
-            consumers = {c for group, _ in plan.values() for c in group.consumers}
-            activations = consumer_input_stats(graph, consumers, ctx.batches, ctx.progress)
-        gm = graph.fx
+            activations = rewrite.input_stats(groups, ctx.batches, ctx.progress)
         details = {}
         for block, (group, remove) in plan.items():
-            scores = unit_scores(gm, group, self.method, activations)
+            scores = unit_scores(rewrite.tensor, group, self.method, activations)
             order = torch.argsort(scores, stable=True)
             removed = sorted(order[:remove].tolist())
             keep = sorted(order[remove:].tolist())
             if self.method == "flap":
-                stats["bias_compensated"] += compensate_bias(gm, group, removed, activations)
-            prune_group(gm, group, keep)
+                stats["bias_compensated"] += rewrite.compensate_bias(group, removed, activations)
+            rewrite.prune(group, keep)
             stats[f"pruned_{self.unit_name}"] += remove
             stats["pruned_blocks"] += 1
             details[block] = {"units": group.units, "removed": removed, "scores": _score_summary(scores)}
@@ -141,9 +154,9 @@ class PruneHeads(_PruneStructure):
         return self._prune(graph, ctx)
 
     def _record(self, graph, block, group, kept) -> None:
-        config = graph.meta.get("config") or {}
-        heads = config.get("num_attention_heads") or group.units
-        kv_heads = config.get("num_key_value_heads") or heads
+        config = getattr(group, "head_counts", None) or graph.meta.get("config") or {}
+        heads = config.get("num_attention_heads") or config.get("num_heads") or group.units
+        kv_heads = config.get("num_key_value_heads") or config.get("num_kv_heads") or heads
         pruned = graph.meta.setdefault("pruned_heads", {})
         before = pruned.get(block, {"num_heads": heads, "num_kv_heads": kv_heads})
         n_rep = before["num_heads"] // before["num_kv_heads"]
@@ -188,19 +201,20 @@ def _per_unit(values: torch.Tensor, units: int) -> torch.Tensor:
     return values.reshape(units, -1).sum(1)
 
 
-def unit_scores(gm, group: DependencyGroup, method: str, activations: dict) -> torch.Tensor:
-    """One importance score per unit of the group (higher = keep)."""
+def unit_scores(tensor, group: DependencyGroup, method: str, activations: dict) -> torch.Tensor:
+    """One importance score per unit of the group (higher = keep); ``tensor(key)`` reads a weight
+    (nn.Linear ``[N, K]`` layout) or bias of the group."""
     if method == "magnitude":
         total = torch.zeros(group.units, dtype=torch.float64)
         for target, dims in group.params.items():
-            tensor = get_tensor(gm, target).detach().to(torch.float64)
+            value = tensor(target).detach().to(torch.float64)
             for dim, _ in dims:
-                per_channel = tensor.pow(2).transpose(0, dim).reshape(tensor.shape[dim], -1).sum(1)
+                per_channel = value.pow(2).transpose(0, dim).reshape(value.shape[dim], -1).sum(1)
                 total += _per_unit(per_channel, group.units)
         return total
     total = torch.zeros(group.units, dtype=torch.float64)
     for target in group.consumers:
-        weight = get_tensor(gm, target).detach().to(torch.float64)
+        weight = tensor(target).detach().to(torch.float64)
         acc = activations[target]
         if method == "wanda":
             per_channel = (weight.abs() * acc["sum_sq"].sqrt()).sum(0)
@@ -213,6 +227,32 @@ def unit_scores(gm, group: DependencyGroup, method: str, activations: dict) -> t
 
 
 # -- the rewrite -----------------------------------------------------------------------------------
+class _FxRewrite:
+    """The FX-dialect side of the rewrite (the ONNX side is ``prune_onnx.OnnxRewrite``)."""
+
+    def __init__(self, graph):
+        self.graph, self.gm = graph, graph.fx
+
+    def tensor(self, target: str) -> torch.Tensor:
+        return get_tensor(self.gm, target)
+
+    def input_stats(self, groups, batches, progress) -> dict:
+        return consumer_input_stats(self.graph, {c for g in groups for c in g.consumers}, batches, progress)
+
+    def compensate_bias(self, group, removed, activations) -> int:
+        return compensate_bias(self.gm, group, removed, activations)
+
+    def prune(self, group, keep) -> None:
+        prune_group(self.gm, group, keep)
+
+
+def flap_delta(weight: torch.Tensor, group: DependencyGroup, removed: list[int], acc: dict) -> torch.Tensor:
+    """FLAP: the removed channels' mean contribution ``W[:, removed] @ mean(x[removed])``."""
+    columns = group.indices(weight.shape[1], removed)
+    mean = (acc["sum"] / acc["count"])[columns].to(weight.dtype)
+    return weight.detach()[:, columns] @ mean
+
+
 def compensate_bias(gm, group: DependencyGroup, removed: list[int], activations: dict) -> int:
     """FLAP: bias += W[:, removed] @ mean(x[removed]) on every consumer linear; returns how many."""
     done = 0
@@ -221,10 +261,7 @@ def compensate_bias(gm, group: DependencyGroup, removed: list[int], activations:
                 and node.args[1].op == "get_attr" and node.args[1].target in group.consumers):
             continue
         weight = get_tensor(gm, node.args[1].target)
-        acc = activations[node.args[1].target]
-        columns = group.indices(weight.shape[1], removed)
-        mean = (acc["sum"] / acc["count"])[columns].to(weight.dtype)
-        delta = weight.detach()[:, columns] @ mean  # the removed channels' mean contribution
+        delta = flap_delta(weight, group, removed, activations[node.args[1].target])
         bias = node.args[2] if len(node.args) > 2 else None
         if bias is not None:
             _replace_tensor(gm, bias.target, get_tensor(gm, bias.target).detach() + delta)
