@@ -5,7 +5,7 @@
 ``rarefy/kernels/token_select.py`` that are traced at export into standard ONNX operators:
 ``TopK`` (token ranking and the ascending re-sort of the kept indices), ``GatherElements``
 (masks, ToMe partners), ``ScatterElements`` (restoring pruned positions, ToMe's size-weighted
-merge), ``Softmax``/``MatMul`` (the recomputed attention scores). One source of truth: torch,
+merge), ``Softmax``/``MatMul`` (the recomputed attention scores, EViT's fused token). One source of truth: torch,
 ONNX Runtime and the Triton fallback run the same math.
 """
 from __future__ import annotations
@@ -31,3 +31,6 @@ onnx_decomposition(torch.ops.rarefy.select_tokens.default, token_select.select_t
 onnx_decomposition(torch.ops.rarefy.gather_mask.default, token_select.gather_mask)
 onnx_decomposition(torch.ops.rarefy.scatter_tokens.default, token_select.scatter_tokens)
 onnx_decomposition(torch.ops.rarefy.merge_tokens.default, token_select.merge_tokens)
+onnx_decomposition(torch.ops.rarefy.fuse_pruned.default, token_select.fuse_pruned)
+onnx_decomposition(torch.ops.rarefy.fused_mask.default, token_select.fused_mask)
+onnx_decomposition(torch.ops.rarefy.scatter_fused.default, token_select.scatter_fused)

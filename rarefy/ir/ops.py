@@ -82,14 +82,14 @@ def _linear_masked_fake(x, values, mask, bias, N, K):
 # Math and shapes in rarefy/kernels/token_select.py; the gather is rarefy/kernels/token_gather.py.
 @torch.library.custom_op("rarefy::token_scores", mutates_args=())
 def token_scores(q: Tensor, k: Optional[Tensor], mask: Optional[Tensor], scale: float, is_causal: bool,
-                 last_query: bool) -> tuple[Tensor, Tensor]:
+                 last_query: bool, first_query: bool = False) -> tuple[Tensor, Tensor]:
     from rarefy.kernels.token_select import attention_received
 
-    return attention_received(q, k, mask, scale, is_causal, last_query)
+    return attention_received(q, k, mask, scale, is_causal, last_query, first_query)
 
 
 @token_scores.register_fake
-def _token_scores_fake(q, k, mask, scale, is_causal, last_query):
+def _token_scores_fake(q, k, mask, scale, is_causal, last_query, first_query=False):
     B, S = q.shape[0], (k.shape[2] if k is not None else q.shape[3])  # k None: q holds probabilities
     return q.new_empty((B, S), dtype=torch.float32), q.new_empty((B, S), dtype=torch.bool)
 
@@ -141,6 +141,47 @@ def scatter_tokens(kept: Tensor, index: Tensor, valid: Tensor) -> Tensor:
 @scatter_tokens.register_fake
 def _scatter_tokens_fake(kept, index, valid):
     return kept.new_empty((kept.shape[0], valid.shape[1], kept.shape[2]))
+
+
+# EViT fusion (PruneTokens(fuse=...)): the pruned tokens as one extra token of size n.
+@torch.library.custom_op("rarefy::fuse_pruned", mutates_args=())
+def fuse_pruned(hidden: Tensor, index: Tensor, scores: Tensor, valid: Tensor, weighted: bool) -> tuple[Tensor, Tensor]:
+    from rarefy.kernels.token_select import fuse_pruned as ref
+
+    return ref(hidden, index, scores, valid, weighted)
+
+
+@fuse_pruned.register_fake
+def _fuse_pruned_fake(hidden, index, scores, valid, weighted):
+    B, K = index.shape
+    return hidden.new_empty((B, 1, hidden.shape[2])), hidden.new_empty((B, K + 1))
+
+
+@torch.library.custom_op("rarefy::fused_mask", mutates_args=())
+def fused_mask(mask: Optional[Tensor], index: Tensor, size: Tensor) -> Tensor:
+    from rarefy.kernels.token_select import fused_mask as ref
+
+    return ref(mask, index, size)
+
+
+@fused_mask.register_fake
+def _fused_mask_fake(mask, index, size):
+    B, n = size.shape
+    if mask is None:
+        return size.new_empty((B, 1, 1, n))
+    return size.new_empty((B, mask.shape[1], n if mask.shape[2] != 1 else 1, n))
+
+
+@torch.library.custom_op("rarefy::scatter_fused", mutates_args=())
+def scatter_fused(out: Tensor, index: Tensor, valid: Tensor) -> Tensor:
+    from rarefy.kernels.token_select import scatter_fused as ref
+
+    return ref(out, index, valid)
+
+
+@scatter_fused.register_fake
+def _scatter_fused_fake(out, index, valid):
+    return out.new_empty((out.shape[0], valid.shape[1], out.shape[2]))
 
 
 @torch.library.custom_op("rarefy::merge_tokens", mutates_args=())

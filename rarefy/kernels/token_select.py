@@ -9,12 +9,18 @@ grouped-query attention; or ``k`` None and ``q`` the probabilities of an eager a
 to [B, 1 or H, S_q, S]; ``valid`` bool [B, S] (False = padding); ``index`` int64 [B, K].
 
 * :func:`attention_received` — Zero-TPrune / EViT / FastV token scores: the attention each
-  key receives, mean over heads and (real) queries, or from the last query only.
+  key receives, mean over heads and (real) queries, or from [CLS] (EViT) or the last query only.
 * :func:`select_tokens` — top ``ceil(S * num / den)`` tokens per row, padding ranked last,
   the first and/or last token always kept, indices in ascending order.
 * :func:`gather_mask` — the attention mask restricted to the kept tokens (rows and columns).
 * :func:`scatter_tokens` — per-token outputs back at their original positions; pruned
   positions get the mean of the kept real tokens of their row.
+* :func:`fuse_pruned` — EViT inattentive-token fusion (Liang et al., 2022): the pruned real
+  tokens of a row averaged into one extra token that carries their count as its size.
+* :func:`fused_mask` — the mask on the kept tokens plus the fused token, additive, with
+  proportional attention (``+ log size``) on the fused token's column.
+* :func:`scatter_fused` — per-token outputs back at their original positions; pruned
+  positions hold the fused token's final state.
 * :func:`merge_tokens` — ToMe bipartite soft matching (Bolya et al., 2023) with token sizes.
 """
 from __future__ import annotations
@@ -41,10 +47,12 @@ def key_validity(mask, batch: int, seq_len: int, last_query: bool) -> torch.Tens
 
 
 def attention_received(q: torch.Tensor, k, mask, scale: float, is_causal: bool,
-                       last_query: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                       last_query: bool, first_query: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores float [B, S], valid bool [B, S]): attention each key receives.
 
-    ``k`` None: ``q`` already holds the attention probabilities [B, H, S_q, S] (eager attention).
+    Mean over heads and real queries (Zero-TPrune), or from the last query only (FastV), or from
+    the first query, [CLS], only (``first_query``: EViT). ``k`` None: ``q`` already holds the
+    attention probabilities [B, H, S_q, S] (eager attention).
     """
     B, H, S_q = q.shape[:3]
     if k is None:
@@ -65,6 +73,8 @@ def attention_received(q: torch.Tensor, k, mask, scale: float, is_causal: bool,
         valid = torch.ones((B, S), dtype=torch.bool, device=q.device)
     if last_query:
         return probs[:, :, -1, :].mean(dim=1), valid
+    if first_query:
+        return probs[:, :, 0, :].mean(dim=1), valid
     query_weight = valid.to(probs.dtype)[:, None, :, None]  # padding queries do not vote
     received = (probs * query_weight).sum(dim=2).mean(dim=1)
     return received / query_weight.sum(dim=2).mean(dim=1).clamp_min(1.0), valid
@@ -120,6 +130,55 @@ def scatter_tokens(kept: torch.Tensor, index: torch.Tensor, valid: torch.Tensor)
     return torch.scatter(out, 1, index[:, :, None].expand(B, K, D), kept)
 
 
+def fuse_pruned(hidden: torch.Tensor, index: torch.Tensor, scores: torch.Tensor, valid: torch.Tensor,
+                weighted: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fused [B, 1, D], size [B, K + 1] in hidden's dtype): EViT's fusion of the pruned real tokens.
+
+    ``fused`` is the average of the pruned real tokens of the row, weighted by their attention
+    scores (``weighted``, as EViT) or uniform; ``size`` is 1 for the K kept tokens and the
+    number of pruned real tokens for the fused one (0 when none: it is then masked out).
+    """
+    B, S, D = hidden.shape
+    K = index.shape[1]
+    kept = torch.zeros((B, S), dtype=torch.float32, device=hidden.device).scatter(
+        1, index, torch.ones((B, K), dtype=torch.float32, device=hidden.device))
+    pruned = (1.0 - kept) * valid.to(torch.float32)  # padding is dropped, never fused
+    weight = pruned * scores.float().clamp_min(1e-12) if weighted else pruned
+    fused = torch.matmul(weight[:, None, :], hidden.float()) / weight.sum(dim=1).clamp_min(1e-12)[:, None, None]
+    size = torch.cat([torch.ones((B, K), dtype=torch.float32, device=hidden.device),
+                      pruned.sum(dim=1, keepdim=True)], dim=1)
+    return fused.to(hidden.dtype), size.to(hidden.dtype)
+
+
+def fused_mask(mask, index: torch.Tensor, size: torch.Tensor) -> torch.Tensor:
+    """Additive mask [B, H|1, K+1|1, K+1] on the kept tokens and the fused one (size's dtype).
+
+    Proportional attention (ToMe): a key of size n gets ``+ log n`` (0 for kept tokens), so the
+    fused token is attended as much as the n tokens it stands for; size 0 gives -inf (no key).
+    The fused token queries like the first kept token ([CLS]): its row is a copy of row 0.
+    """
+    B, K = index.shape
+    low = torch.finfo(size.dtype).min
+    column = torch.where(size > 0, size.clamp_min(1e-12).log(), torch.full_like(size, low))[:, None, None, :]
+    if mask is None:
+        return column
+    kept = gather_mask(mask, index)
+    allowed = kept if kept.dtype == torch.bool else kept > torch.finfo(kept.dtype).min / 2
+    if allowed.shape[2] != 1:
+        allowed = torch.cat([allowed, allowed[:, :, :1, :]], dim=2)
+    allowed = torch.cat([allowed, torch.ones_like(allowed[..., :1])], dim=3)
+    return torch.where(allowed, column, torch.full_like(column, low))
+
+
+def scatter_fused(out: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """out [B, K+1, D] (kept tokens, then the fused one) back to [B, S, D]; pruned positions read
+    the fused token, so a mean over the original mask is the size-weighted mean of the K+1 tokens."""
+    B, K = index.shape
+    D = out.shape[2]
+    full = out[:, -1:].expand(B, valid.shape[1], D).contiguous()
+    return torch.scatter(full, 1, index[:, :, None].expand(B, K, D), out[:, :-1])
+
+
 def merge_tokens(hidden: torch.Tensor, keys: torch.Tensor, size, valid, slot, mask, r: int, protect_first: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """ToMe bipartite soft matching: merge ``r`` tokens of every row into their most similar partner.
@@ -127,54 +186,51 @@ def merge_tokens(hidden: torch.Tensor, keys: torch.Tensor, size, valid, slot, ma
     hidden [B, S, D]; keys [B, H, S, Dh] (the block's attention keys: the similarity metric);
     size float [B, S] (tokens merged into each); valid bool [B, S]; slot int64 [B, S0] (for each
     original token, the position holding it now); at the first merge these three are None
-    (sizes 1, validity from the attention ``mask``, slots the identity). Returns (hidden, size, valid, slot, mask) after
-    the merge, S - r tokens; ``mask`` [B, 1, 1, S - r] is the additive proportional-attention mask. Alternate tokens form sets A and B; each A token's best B partner by
-    key cosine; the r best edges merge (size-weighted average); the first token is never merged
-    when ``protect_first``; padding merges only with padding.
+    (sizes 1, validity from the attention ``mask``, slots the identity). Returns (hidden, size, valid, slot, mask)
+    after the merge, S - r tokens in their original order; ``mask`` [B, 1, 1, S - r] is the additive
+    proportional-attention mask. Alternate tokens form sets A (even positions) and B (odd); each A
+    token's best B partner by key cosine; the r best edges merge (size-weighted average); the first
+    token is never merged when ``protect_first``; padding merges only with padding.
     """
     B, S, D = hidden.shape
     if size is None:
         size = torch.ones((B, S), dtype=torch.float32, device=hidden.device)
         valid = key_validity(mask, B, S, last_query=False).to(hidden.device)
         slot = torch.arange(S, device=hidden.device).expand(B, S)
+    # Every shape below is S or the output's S - r: no strided halves (S+1)//2, S//2 whose floor
+    # expressions nest merge after merge and stall torch.export's symbolic solver at ONNX export.
     metric = keys.float().mean(dim=1)
     metric = metric / metric.norm(dim=-1, keepdim=True).clamp_min(1e-6)
-    a, b = metric[:, 0::2], metric[:, 1::2]
-    na = a.shape[1]
-    similarity = a @ b.transpose(-1, -2)  # [B, na, nb] cosine in [-1, 1]
-    va, vb = valid[:, 0::2], valid[:, 1::2]
-    same = va[:, :, None] == vb[:, None, :]
-    pads = (~va)[:, :, None] & (~vb)[:, None, :]
+    similarity = metric @ metric.transpose(-1, -2)  # [B, S, S] cosine in [-1, 1]; rows A, columns B used
+    position = torch.arange(S, device=hidden.device)
+    is_a = position % 2 == 0  # set A: even positions, set B: odd ones
+    same = valid[:, :, None] == valid[:, None, :]
+    pads = (~valid)[:, :, None] & (~valid)[:, None, :]
     similarity = torch.where(same, similarity, torch.full_like(similarity, _NEG / 2))
     similarity = torch.where(pads, torch.full_like(similarity, 2.0), similarity)  # padding merges first
     if protect_first:
-        first = (torch.arange(na, device=hidden.device) == 0)[None, :, None]
-        similarity = torch.where(first, torch.full_like(similarity, _NEG), similarity)
-    best, partner = similarity.max(dim=-1)  # [B, na]
-    order = best.argsort(dim=-1, descending=True)
-    src = order[:, :r]  # A tokens merged away
-    unmerged = order[:, r:].sort(dim=-1).values  # A tokens kept, in their original order
+        similarity = torch.where((position == 0)[None, :, None], torch.full_like(similarity, _NEG), similarity)
+    similarity = torch.where(is_a[None, None, :], torch.full_like(similarity, 4 * _NEG), similarity)  # B columns
+    best, partner = similarity.max(dim=-1)  # [B, S]: each A token's best B partner
+    best = torch.where(is_a[None, :], best, torch.full_like(best, 8 * _NEG))  # B tokens are never sources
+    src = torch.topk(best, r, dim=1).indices  # the r A tokens merged away
     dst = torch.gather(partner, 1, src)  # their B partners
-    n_unm = na - r
 
-    def take(x, idx):
-        return torch.gather(x, 1, idx[:, :, None].expand(-1, -1, x.shape[2]))
-
-    size_a, size_b = size[:, 0::2, None], size[:, 1::2, None]
-    xa, xb = hidden[:, 0::2] * size_a, hidden[:, 1::2] * size_b  # sums, divided by sizes below
-    merged_sum = torch.scatter_add(xb, 1, dst[:, :, None].expand(-1, -1, D), take(xa, src))
-    merged_size = torch.scatter_add(size_b, 1, dst[:, :, None], take(size_a, src))
-    out_sum = torch.cat([take(xa, unmerged), merged_sum], dim=1)
-    out_size = torch.cat([take(size_a, unmerged), merged_size], dim=1)
-    out_valid = torch.cat([torch.gather(va, 1, unmerged), vb], dim=1)
-
-    # New position of every current token: kept A -> its rank, merged A -> n_unm + partner, B j -> n_unm + j.
-    pos_a = torch.zeros_like(partner)
-    pos_a = torch.scatter(pos_a, 1, unmerged, torch.arange(n_unm, device=hidden.device).expand(B, n_unm))
-    pos_a = torch.scatter(pos_a, 1, src, dst + n_unm)
-    pos_b = torch.arange(na, device=hidden.device).expand(B, -1) + n_unm  # one spare column when S is odd
-    new_pos = torch.stack([pos_a, pos_b], dim=2).reshape(B, 2 * na)[:, :S]
-    out_size = out_size[:, :, 0]
+    xs = hidden.float() * size[:, :, None]  # sums, divided by sizes below
+    merged_sum = torch.scatter_add(xs, 1, dst[:, :, None].expand(-1, -1, D),
+                                   torch.gather(xs, 1, src[:, :, None].expand(-1, -1, D)))
+    merged_size = torch.scatter_add(size, 1, dst, torch.gather(size, 1, src))
+    kept = torch.ones((B, S), dtype=torch.float32, device=hidden.device).scatter(
+        1, src, torch.zeros((B, r), dtype=torch.float32, device=hidden.device))
+    # The S - r survivors in their original order: top-(S - r) of -position among the kept.
+    order = torch.where(kept > 0, -position.to(torch.float32)[None, :], torch.full_like(kept, 2.0 * -S - 2.0))
+    survivors = torch.topk(order, S - r, dim=1).indices
+    out_sum = torch.gather(merged_sum, 1, survivors[:, :, None].expand(-1, -1, D))
+    out_size = torch.gather(merged_size, 1, survivors)
+    out_valid = torch.gather(valid, 1, survivors)
+    # New position of every current token: a survivor's rank among survivors, a merged one its partner's.
+    rank = torch.cumsum(kept, dim=1).to(torch.int64) - 1
+    new_pos = torch.where(kept > 0, rank, torch.gather(rank, 1, partner))
     # Proportional attention: softmax(q k^T / sqrt(d) + log(size)) counts a merged token once per source.
     mask = torch.where(out_valid, out_size.log(), torch.full_like(out_size, float("-inf")))[:, None, None, :]
     return ((out_sum / out_size[:, :, None]).to(hidden.dtype), out_size, out_valid, torch.gather(new_pos, 1, slot),

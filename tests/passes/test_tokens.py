@@ -90,6 +90,25 @@ def test_merge_tokens_conserves_mass_and_tracks_sources():
     torch.testing.assert_close(add_mask[:, 0, 0][valid], size.log()[valid], atol=0, rtol=0)
 
 
+def test_fuse_pruned_is_the_weighted_mean_of_pruned_real_tokens_and_pools_size_weighted():
+    gen = torch.Generator().manual_seed(0)
+    hidden, scores = torch.randn(2, 6, 4, generator=gen), torch.rand(2, 6, generator=gen)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    index = torch.tensor([[0, 2, 5], [0, 1, 3]])
+    fused, size = token_select.fuse_pruned(hidden, index, scores, valid, True)
+    w = scores[0, [1, 3, 4]]  # row 0 prunes 1, 3, 4; row 1 prunes 2 (real) and 4, 5 (padding: dropped)
+    torch.testing.assert_close(fused[0, 0], (w[:, None] * hidden[0, [1, 3, 4]]).sum(0) / w.sum(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(fused[1, 0], hidden[1, 2], atol=1e-6, rtol=0)
+    assert size.tolist() == [[1, 1, 1, 3], [1, 1, 1, 1]]
+    mask = token_select.fused_mask(valid[:, None, None, :], index, size)
+    assert mask.shape == (2, 1, 1, 4) and mask[0, 0, 0, 3] == math.log(3) and mask[0, 0, 0, :3].eq(0).all()
+    out = torch.randn(2, 4, 4, generator=gen)
+    full = token_select.scatter_fused(out, index, valid)
+    # Mean pooling over the original mask = the size-weighted mean of the kept and fused tokens.
+    pooled = (full * valid[..., None]).sum(1) / valid.sum(1, keepdim=True)
+    torch.testing.assert_close(pooled[0], (out[0] * size[0, :, None]).sum(0) / 6, atol=1e-6, rtol=0)
+
+
 # -- PruneTokens ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["bert", "vit", "llama"])
 def test_keep_one_is_exact(name):
@@ -104,7 +123,8 @@ def test_bert_prune_fires_keeps_pooling_close_and_survives_dynamic_lengths():
     graph, inputs = _capture("bert")
     out = PruneTokens(keep=0.5, after_layer=1)(graph.copy())
     assert out.stats == {"blocks_on_kept_tokens": 1, "masks_gathered": 1, "rotary_tables_gathered": 0,
-                         "outputs_restored": 1, "static_lengths_replaced": 0}
+                         "outputs_restored": 1, "static_lengths_replaced": 0, "fused_tokens": 0,
+                         "size_masks_added": 0}
     assert sum(n.target is torch.ops.rarefy.select_tokens.default for n in out.graph.fx.graph.nodes) == 1
     ref, got = graph(**inputs), out.graph(**inputs)
     assert got[0].shape == ref[0].shape
@@ -117,6 +137,21 @@ def test_bert_prune_fires_keeps_pooling_close_and_survives_dynamic_lengths():
         other = example_inputs("bert", batch=3, seq=seq)
         assert out.graph(**other)[0].shape == (3, seq, 64)
     _ort_matches(out.graph, example_inputs("bert", batch=3, seq=13), atol=1e-4)
+
+
+def test_bert_prune_with_evit_fusion_and_cls_scores_fires_and_lowers():
+    graph, inputs = _capture("bert")
+    out = PruneTokens(keep=0.5, after_layer=1, score="cls", fuse=True)(graph.copy())
+    assert out.stats["fused_tokens"] == 1 and out.stats["masks_gathered"] == 1
+    targets = [n.target for n in out.graph.fx.graph.nodes]
+    assert torch.ops.rarefy.fuse_pruned.default in targets and torch.ops.rarefy.scatter_fused.default in targets
+    ref, got = graph(**inputs), out.graph(**inputs)
+    # Floor: as the plain prune above (measured 0.97 there); the fused token stands in for the pruned half.
+    emb = [mean_pool_embedding(o[0], inputs["attention_mask"]) for o in (ref, got)]
+    assert cosine(emb[1], emb[0]) >= 0.9
+    other = example_inputs("bert", batch=3, seq=13)
+    assert out.graph(**other)[0].shape == (3, 13, 64)  # ceil(0.5 * 13) + 1 tokens inside, full length out
+    _ort_matches(out.graph, other, atol=1e-4)
 
 
 def test_llama_prefill_prune_keeps_last_token_and_positions():
@@ -182,9 +217,27 @@ def test_merge_fires_stays_close_and_lowers(name):
         _ort_matches(out, inputs, atol=1e-4)
 
 
+def test_chained_merges_export_with_dynamic_length_and_match_onnx_runtime():
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                 vocab_size=128)).eval()
+    inputs = example_inputs("bert", seq=16)
+    out = rf.optimize(rf.capture(model, inputs), [MergeTokens(r=2)], progress=False, verify=False)
+    assert out.report.rows[-1].stats["merges"] == 2
+    # Chained merges once stalled torch.export's symbolic solver (nested floor((S+1)/2) lengths);
+    # every length is now S or S - r. Two runtime lengths, odd and even, through one ONNX graph.
+    session = rf.compile(out, "onnxruntime", optimize=False)
+    for seq in (16, 11):
+        other = example_inputs("bert", batch=3, seq=seq)
+        torch.testing.assert_close(session(**other)[0], out(**other)[0], atol=1e-4, rtol=0)  # fp32, same math
+
+
 # -- bad requests: clear errors before any work -----------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [{"keep": 0.0, "after_layer": 1}, {"keep": 1.5, "after_layer": 1},
-                                    {"keep": 0.5, "after_layer": 0}, {"keep": 0.5, "after_layer": 1, "score": "x"}])
+                                    {"keep": 0.5, "after_layer": 0}, {"keep": 0.5, "after_layer": 1, "score": "x"},
+                                    {"keep": 0.5, "after_layer": 1, "fuse": "yes"}])
 def test_bad_prune_arguments(kwargs):
     with pytest.raises(PassError):
         PruneTokens(**kwargs)
@@ -201,6 +254,8 @@ def test_bad_requests_on_graphs_fail_before_any_work():
     llama, _ = _capture("llama")
     with pytest.raises(UnsupportedError, match="encoders"):
         rf.optimize(llama, [MergeTokens(r=1)], progress=False)
+    with pytest.raises(PassError, match="CLS"):
+        rf.optimize(llama, [PruneTokens(keep=0.5, after_layer=1, score="cls")], progress=False)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
     plain = rf.capture(mlp, (torch.randn(2, 8),))
     with pytest.raises(UnsupportedError, match="no attention sites"):
