@@ -10,6 +10,8 @@ same machine:
 * rarefy W8A8 (``QuantizeActivations``: per-token int8 activations, per-channel int8
   weights), with and without ``SmoothQuant`` before it, from the FX capture, and once more
   from the fp32 ONNX file (the ONNX-dialect in-place rewrite);
+* rarefy W8A8 with one activation scale per tensor (``granularity="tensor"``: ONNX Runtime's
+  fused ``DynamicQuantizeMatMul``, per-channel weights), with and without ``SmoothQuant``;
 * rarefy weight-only int4 (``QuantizeWeights(bits=4)``, MatMulNBits) with groups 32 and 64.
 
 Latency: median of several session runs, 2 intra-op threads, ORT graph optimisations on,
@@ -92,6 +94,11 @@ def build_variants(workdir: Path, graph, loaded_fp32, calibration, evaluation) -
     recipes = {
         "rarefy W8A8": [QuantizeActivations(ignore=IGNORE)],
         "rarefy SmoothQuant + W8A8": [SmoothQuant(alpha=0.5, ignore=IGNORE), QuantizeActivations(ignore=IGNORE)],
+        "rarefy W8A8 per-tensor": [QuantizeActivations(granularity="tensor", ignore=IGNORE)],
+        "rarefy SmoothQuant + W8A8 per-tensor": [SmoothQuant(alpha=0.5, ignore=IGNORE),
+                                                 QuantizeActivations(granularity="tensor", ignore=IGNORE)],
+        "rarefy SmoothQuant(0.8) + W8A8 per-tensor": [SmoothQuant(alpha=0.8, ignore=IGNORE),
+                                                      QuantizeActivations(granularity="tensor", ignore=IGNORE)],
         "rarefy int4 g32": [QuantizeWeights(bits=4, group_size=32, ignore=IGNORE)],
         "rarefy int4 g64": [QuantizeWeights(bits=4, group_size=64, ignore=IGNORE)],
     }
@@ -115,6 +122,9 @@ def reuse_variants(workdir: Path) -> dict[str, dict]:
     files = {"ORT fp32": "fp32.onnx", "ORT quantize_dynamic default": "ort_dynamic_default.onnx",
              "ORT quantize_dynamic per-channel": "ort_dynamic_per_channel.onnx", "rarefy W8A8": "rarefy_W8A8.onnx",
              "rarefy SmoothQuant + W8A8": "rarefy_SmoothQuant__W8A8.onnx", "rarefy int4 g32": "rarefy_int4_g32.onnx",
+             "rarefy W8A8 per-tensor": "rarefy_W8A8_per-tensor.onnx",
+             "rarefy SmoothQuant + W8A8 per-tensor": "rarefy_SmoothQuant__W8A8_per-tensor.onnx",
+             "rarefy SmoothQuant(0.8) + W8A8 per-tensor": "rarefy_SmoothQuant(0.8)__W8A8_per-tensor.onnx",
              "rarefy int4 g64": "rarefy_int4_g64.onnx", "rarefy W8A8 (ONNX file in place)": "rarefy_w8a8_from_onnx.onnx"}
     return {name: {"path": workdir / f, "tool": "onnxruntime" if name.startswith("ORT") else "rarefy",
                    "recipe": "built by an earlier run of this script (--reuse)"} for name, f in files.items()}
@@ -159,15 +169,15 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     return {"cpu": cpu, "cores": os.cpu_count(), "threads_used": THREADS, "load_average_at_start": os.getloadavg(),
-            "benchmark_lock": os.environ.get("RAREFY_BENCH_LOCK", "held (flock /tmp/rarefy-bench.lock)"),
-            "note": "shared 2-core machine: other engineers' jobs ran concurrently; timings are medians of "
-                    "interleaved runs and are noisier than on a dedicated machine"}
+            "note": f"load average at the start {os.getloadavg()[0]:.1f}; timings are medians of interleaved runs"}
 
 
 def verdict(variants: dict) -> dict:
     ort_default = variants["ORT quantize_dynamic default"]
     out = {}
-    for name in ("rarefy W8A8", "rarefy SmoothQuant + W8A8", "rarefy W8A8 (ONNX file in place)"):
+    for name in ("rarefy W8A8", "rarefy SmoothQuant + W8A8", "rarefy W8A8 (ONNX file in place)",
+                 "rarefy W8A8 per-tensor", "rarefy SmoothQuant + W8A8 per-tensor",
+                 "rarefy SmoothQuant(0.8) + W8A8 per-tensor"):
         v = variants[name]
         fast = v["median_ms"] <= ort_default["median_ms"]
         close = min(v["cosine"].values()) >= TARGET_COSINE
@@ -239,6 +249,7 @@ def finish(args, variants: dict, batch_size: int, seq_len: int, runs: int) -> No
         "quality_batches": {"windows": f"{batch_size} windows of {seq_len} tokens (the timed batch)",
                             "sentences": f"{batch_size} sentences padded to {seq_len}"},
         "variants": variants, "targets": verdict(variants),
+        "load_average_at_end": os.getloadavg(),
         "build": (f"files reused from an earlier run of this script (--reuse {args.reuse.name}) that built them and "
                   "was then killed (out of memory on the shared machine) before measuring") if args.reuse else "this run",
     }

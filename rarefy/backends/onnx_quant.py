@@ -1,7 +1,8 @@
 """ONNX translations of the quantized linears (W8A8, and 3-bit weight-only).
 
 ``rarefy::linear_w8a8`` becomes per-token ``Abs``/``ReduceMax``/``Round`` quantization
-plus one ``com.microsoft::MatMulIntegerToFloat`` (why this form: ``rarefy/ir/onnx_quant.py``).
+plus one ``com.microsoft::MatMulIntegerToFloat`` (why this form: ``rarefy/ir/onnx_quant.py``);
+``rarefy::linear_w8a8_tensor`` becomes one ``com.microsoft::DynamicQuantizeMatMul``.
 ``rarefy::matmul_nbits`` with 3 bits, which ONNX Runtime's MatMulNBits cannot run, becomes a
 dequantize subgraph over the packed bitstream plus ``MatMul``. The subgraphs are shared with
 the in-place rewrite of ONNX-dialect graphs.
@@ -22,6 +23,15 @@ contrib_schema(
     outputs=[("Y", "T3")],
     types=[("T1", ["tensor(int8)", "tensor(uint8)"]), ("T2", ["tensor(int8)", "tensor(uint8)"]),
            ("T3", ["tensor(float)", "tensor(float16)"])],
+    attributes=[],
+)
+
+contrib_schema(
+    "DynamicQuantizeMatMul",
+    inputs=[("A", "T1", False), ("B", "T2", False), ("b_scale", "T1", False), ("b_zero_point", "T2", True),
+            ("bias", "T1", True)],
+    outputs=[("Y", "T1")],
+    types=[("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
     attributes=[],
 )
 
@@ -48,6 +58,12 @@ def _linear_w8a8(x, w_q, w_scale, bias):
     b = ScriptBuilder()
     # w_q is [N, K] (the nn.Linear layout); ONNX Runtime folds this Transpose of a constant
     return onnx_quant.w8a8_linear(b, x, b.op("Transpose", w_q, perm=[1, 0]), w_scale, bias)
+
+
+@onnx_translation(torch.ops.rarefy.linear_w8a8_tensor.default)
+def _linear_w8a8_tensor(x, w_q, w_scale, bias):
+    b = ScriptBuilder()
+    return onnx_quant.w8a8_tensor_linear(b, x, b.op("Transpose", w_q, perm=[1, 0]), w_scale, bias)
 
 
 def dequant_matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size):

@@ -26,6 +26,7 @@ def triton_kernel(op, path: str) -> None:
 
 triton_kernel(torch.ops.rarefy.matmul_nbits.default, "rarefy.kernels.matmul_nbits:matmul_nbits")
 triton_kernel(torch.ops.rarefy.linear_w8a8.default, "rarefy.kernels.int8_gemm:w8a8_linear")
+triton_kernel(torch.ops.rarefy.linear_w8a8_tensor.default, "rarefy.kernels.int8_gemm:w8a8_tensor_linear")
 triton_kernel(torch.ops.rarefy.cache_attention.default, "rarefy.kernels.kv_cache:cache_attention_triton")
 triton_kernel(torch.ops.rarefy.kivi_attention.default, "rarefy.kernels.kv_cache:kivi_attention_triton")
 triton_kernel(torch.ops.rarefy.linear_sparse24.default, "rarefy.kernels.sparse24:sparse24_matmul")

@@ -20,6 +20,9 @@ in the backend.
   for the fused ``DynamicQuantizeMatMul`` (fp32: 411 ms), on the loaded shared machine.
   ``Round`` is half-to-even where the torch reference rounds half away from zero: codes
   differ only on exact ties.
+* ``w8a8_tensor_linear`` — W8A8 with one dynamic activation scale per tensor
+  (``QuantizeActivations(granularity="tensor")``): a single ``DynamicQuantizeMatMul``, the
+  speed of ONNX Runtime's own ``quantize_dynamic`` with per-channel weight scales.
 * ``dequant_matmul`` — bit widths ONNX Runtime's MatMulNBits has no kernel for (3 bits):
   the packed LSB-first bitstream (``rarefy/ir/ops.py``) is read as byte values by
   ``DequantizeLinear`` (scale 1), unpacked with ``Gather`` / ``Div`` / ``Floor`` (exact in
@@ -72,6 +75,14 @@ def w8a8_linear(b, x, w_t, w_scale, bias):
     # the bias is a separate Add: ONNX Runtime 1.31 mis-adds MatMulIntegerToFloat's own bias
     # input when a_scale is per row (measured 47% relative error on a 4096 x 384 x 1152 linear)
     return b.op("Add", y, bias) if bias is not None else y
+
+
+def w8a8_tensor_linear(b, x, w_t, w_scale, bias):
+    """``y = x @ dequant(w_t) + bias`` with ``x`` quantized per tensor (``DynamicQuantizeLinear``):
+    one ``com.microsoft::DynamicQuantizeMatMul``, the fused op ONNX Runtime's own dynamic
+    quantizer ends up with; ``w_t`` int8 ``[K, N]``, ``w_scale`` per column ``[N]``."""
+    extra = [None, bias] if bias is not None else []
+    return b.op("DynamicQuantizeMatMul", x, w_t, w_scale, *extra, domain=MSFT_DOMAIN)
 
 
 def matmul_nbits(b, x, qweight, scales_flat, zero_points_flat, bias, K: int, N: int, bits: int, block_size: int):

@@ -232,11 +232,13 @@ def replace_with_matmul_nbits(graph, site: Site, packed: dict, bits: int, block_
     _replace(graph, site, b, y)
 
 
-def replace_with_w8a8(graph, site: Site, w_q: torch.Tensor, w_scale: torch.Tensor) -> None:
-    """Rewrite ``site`` as per-token int8 activations x int8 ``w_q [N, K]`` (per-channel scales)."""
+def replace_with_w8a8(graph, site: Site, w_q: torch.Tensor, w_scale: torch.Tensor, granularity: str = "token") -> None:
+    """Rewrite ``site`` as dynamic int8 activations (per token or per tensor) x int8 ``w_q [N, K]``
+    (per-channel scales)."""
     hint = site.name.replace("#", "_")
     w_t = _add_initializer(graph, f"{hint}.w_int8", w_q.T.contiguous().numpy())
     scale = _add_initializer(graph, f"{hint}.w_scale", w_scale.float().numpy())
     b = onnx_quant.TapeBuilder(_opset(graph))
-    y = onnx_quant.w8a8_linear(b, site.info["input"], w_t, scale, site.info["bias_value"])
+    build = onnx_quant.w8a8_linear if granularity == "token" else onnx_quant.w8a8_tensor_linear
+    y = build(b, site.info["input"], w_t, scale, site.info["bias_value"])
     _replace(graph, site, b, y)

@@ -232,7 +232,7 @@ def _cache_write_fake(k_cache, v_cache, k_new, v_new, cache_position):
 
 @torch.library.custom_op("rarefy::kivi_attention", mutates_args=())
 def kivi_attention(q: Tensor, k_new: Tensor, v_new: Tensor, k_codes: Tensor, k_scale: Tensor, k_zero: Tensor,
-                   v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, k_ring: Tensor, v_ring: Tensor,
+                   v_codes: Tensor, v_scale: Tensor, v_zero: Tensor, k_ring: Tensor, v_ring: Optional[Tensor],
                    cache_position: Tensor, scale: float, bits: int, group_size: int, residual: int) -> Tensor:
     from rarefy.kernels.kv_cache import kivi_attention as ref
 
@@ -245,20 +245,21 @@ def _kivi_attention_fake(q, *args):
     return q.new_empty((q.shape[0], q.shape[2], q.shape[1], q.shape[3]))
 
 
+# v_ring None (residual=0): values are read from their codes only; kivi_write then returns 7 tensors.
 @torch.library.custom_op("rarefy::kivi_write", mutates_args=())
 def kivi_write(k_codes: Tensor, k_scale: Tensor, k_zero: Tensor, v_codes: Tensor, v_scale: Tensor, v_zero: Tensor,
-               k_ring: Tensor, v_ring: Tensor, k_new: Tensor, v_new: Tensor, cache_position: Tensor, bits: int,
-               group_size: int, residual: int
-               ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+               k_ring: Tensor, v_ring: Optional[Tensor], k_new: Tensor, v_new: Tensor, cache_position: Tensor,
+               bits: int, group_size: int, residual: int) -> list[Tensor]:
     from rarefy.kernels.kv_cache import kivi_write as ref
 
-    return ref(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new, cache_position,
-               bits, group_size, residual)
+    return list(ref(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new,
+                    cache_position, bits, group_size, residual))
 
 
 @kivi_write.register_fake
 def _kivi_write_fake(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, *args):
-    return tuple(torch.empty_like(t) for t in (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring))
+    state = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring)
+    return [torch.empty_like(t) for t in state if t is not None]
 
 
 @torch.library.custom_op("rarefy::evict_attention", mutates_args=())
@@ -335,4 +336,18 @@ def linear_w8a8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor])
 
 @linear_w8a8.register_fake
 def _linear_w8a8_fake(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.custom_op("rarefy::linear_w8a8_tensor", mutates_args=())
+def linear_w8a8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """W8A8 linear with one dynamic asymmetric uint8 scale for the whole activation (ONNX
+    ``DynamicQuantizeLinear``), int8 ``w_q [N, K]`` with per-output-channel ``w_scale [N]``, + bias."""
+    from rarefy.kernels.int8_gemm import w8a8_tensor_linear_reference
+
+    return w8a8_tensor_linear_reference(x, w_q, w_scale, bias)
+
+
+@linear_w8a8_tensor.register_fake
+def _linear_w8a8_tensor_fake(x, w_q, w_scale, bias):
     return x.new_empty((*x.shape[:-1], w_q.shape[0]))

@@ -26,6 +26,12 @@ int8 x int8 -> int32 ``tl.dot`` (tensor-core IMMA on GPUs), grouped tile order
 for L2 reuse, scales and bias applied once in the fp32 epilogue.
 ``w8a8_linear`` launches both (two launches; the activation is read once more
 from L2 instead of recomputing row absmax in every output-column tile).
+
+Per-tensor variant (``w8a8_tensor_linear``): ONNX ``DynamicQuantizeLinear`` semantics, one
+asymmetric uint8 scale and zero point for the whole activation (ONNX Runtime's fused
+``DynamicQuantizeMatMul``). The kernel path shifts the uint8 codes by -128 into int8,
+runs the same ``_int8_matmul_kernel`` and adds ``(128 - zp) * colsum(w_q)`` back in the
+epilogue vector, so no second GEMM kernel is needed.
 """
 
 from __future__ import annotations
@@ -68,6 +74,37 @@ def w8a8_linear_reference(x, w_q, w_scale, bias=None):
     K = x.shape[-1]
     x_q, x_scale = quantize_per_token_reference(x.reshape(-1, K))
     y = int8_matmul_reference(x_q, x_scale, w_q, w_scale, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def _round_half_even(v: torch.Tensor) -> torch.Tensor:
+    return torch.round(v)  # torch.round rounds half to even, as ONNX does
+
+
+def quantize_per_tensor_reference(x: torch.Tensor):
+    """ONNX ``DynamicQuantizeLinear``: ``(codes int32 [...] in 0..255, scale fp32 [], zero_point int32 [])``.
+
+    ``scale = (max(x, 0) - min(x, 0)) / 255``, ``zero_point = round(-min(x, 0) / scale)``,
+    ``codes = clamp(round(x / scale) + zero_point, 0, 255)``; rounding half to even.
+    """
+    xf = x.float()
+    lo = xf.min().clamp(max=0) if xf.numel() else xf.new_zeros(())
+    hi = xf.max().clamp(min=0) if xf.numel() else xf.new_zeros(())
+    scale = (hi - lo) / 255.0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    zero = _round_half_even(-lo / scale).clamp(0, 255)
+    codes = (_round_half_even(xf / scale) + zero).clamp(0, 255)
+    return codes.to(torch.int32), scale, zero.to(torch.int32)
+
+
+def w8a8_tensor_linear_reference(x, w_q, w_scale, bias=None):
+    """``x`` quantized per tensor (asymmetric uint8), times int8 ``w_q [N, K]``; ``[..., N]`` in x.dtype."""
+    K = x.shape[-1]
+    codes, scale, zero = quantize_per_tensor_reference(x.reshape(-1, K))
+    acc = ((codes - zero).double() @ w_q.double().T).float()  # exact: every partial sum is an int32
+    y = acc * scale * w_scale.float()[None, :]
+    if bias is not None:
+        y = y + bias.float()
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
 
 
@@ -251,4 +288,17 @@ def w8a8_linear(x, w_q, w_scale, bias=None):
     K = x.shape[-1]
     x_q, x_scale = quantize_per_token(x.reshape(-1, K))
     y = int8_matmul(x_q, x_scale, w_q, w_scale, bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+def w8a8_tensor_linear(x, w_q, w_scale, bias=None):
+    """Per-tensor uint8 activations (``DynamicQuantizeLinear``) times int8 ``w_q [N, K]`` on the
+    int8 kernel: codes shifted to ``codes - 128`` (int8), the shift added back per column."""
+    K = x.shape[-1]
+    codes, scale, zero = quantize_per_tensor_reference(x.reshape(-1, K))
+    x_q = (codes - 128).to(torch.int8)
+    x_scale = scale.expand(x_q.shape[0]).contiguous()
+    correction = (128 - zero).float() * w_q.float().sum(1)  # (128 - zp) * colsum(w), in units of the codes
+    shift = correction * scale * w_scale.float()
+    y = int8_matmul(x_q, x_scale, w_q, w_scale, shift + (bias.float() if bias is not None else 0.0))
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])

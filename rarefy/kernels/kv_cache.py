@@ -19,8 +19,9 @@ Layouts:
 * KIVI (Liu et al. 2024): values per token, quantized as they arrive, slot = position;
   keys per channel over groups of ``G`` tokens, quantized a whole group at a time once it
   leaves the full-precision window: positions ``< Q(L) = max(0, floor((L - R) / G)) * G``
-  are read from the codes, the rest from an fp ring of ``W = R + G`` slots (slot =
-  position mod W). Codes/scales use the packed layouts of ``kivi.py``.
+  are read from the codes, the rest from an fp ring of ``W = R + G`` keys (slot =
+  position mod W); their values from a value ring of W slots too when ``R > 0``, else from
+  their codes (``v_ring`` None). Codes/scales use the packed layouts of ``kivi.py``.
 * eviction (H2O, SnapKV, StreamingLLM): ``k, v [B, H_kv, C, Dh]`` hold any C tokens,
   ``slot_pos [B, H_kv, C]`` int64 their positions (-1 empty), ``score [B, H_kv, C]`` fp32
   the method's priority. A write keeps the C best of the C + T candidates (old slots and
@@ -85,13 +86,29 @@ def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return (c * weights).sum(-1).to(torch.uint8).movedim(-1, dim)
 
 
+def _byte_floors(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
+    """``u_j = floor(byte / 2**(bits*j))`` for j < 8 // bits, in fp32 (exact: bytes are < 256).
+
+    Code j of a byte is ``u_j - 2**bits * u_{j+1}`` (``u_P = 0``), and that is linear, so a
+    product with the codes is ``X(u_j) - 2**bits * X(u_{j+1})`` (:func:`_codes_of`): the codes
+    are never unpacked one by one. Cast, scale and floor are the cheapest unpack ONNX Runtime
+    runs (no uint8 BitwiseAnd; int32 Div/Mod is ~15x slower on CPU).
+    """
+    f = packed.to(torch.float32)
+    return [f] + [torch.floor(f * 2.0 ** (-bits * j)) for j in range(1, 8 // bits)]
+
+
+def _codes_of(floors: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
+    """Code j (or a linear map of it) from the byte floors ``u_j`` (or the same map of them)."""
+    last = len(floors) - 1
+    return [floors[j] - 2 ** bits * floors[j + 1] if j < last else floors[j] for j in range(last + 1)]
+
+
 def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """``kivi.unpack_codes`` as float codes: byte // 2**(bits*j) mod 2**bits."""
-    per_byte = 8 // bits
-    p = packed.to(torch.int32).movedim(dim, -1)
-    divisors = 2 ** (bits * torch.arange(per_byte, dtype=torch.int32, device=packed.device))
-    codes = torch.remainder(torch.div(p[..., None], divisors, rounding_mode="floor"), 2 ** bits)
-    return codes.reshape(*p.shape[:-1], p.shape[-1] * per_byte).movedim(-1, dim).to(torch.float32)
+    """``kivi.unpack_codes`` as float codes (code j of a byte is the LSB-first j-th)."""
+    p = packed.movedim(dim, -1)
+    codes = torch.stack(_codes_of(_byte_floors(p, bits), bits), dim=-1)
+    return codes.reshape(*p.shape[:-1], p.shape[-1] * (8 // bits)).movedim(-1, dim)
 
 
 def quantize_keys(k, bits: int, group_size: int, scale_dtype):
@@ -151,29 +168,60 @@ def _ring_positions(length: torch.Tensor, ring: int, device) -> torch.Tensor:
 
 def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
                    cache_position, scale: float, bits: int, group_size: int, residual: int):
-    """Attention over positions [0, Q(L0)) dequantized, [Q(L0), L0) from the fp ring, and the chunk."""
-    k_past, v_past, valid = _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring,
-                                       cache_position, bits, group_size, residual, q.dtype)
-    return attend(q, k_past, v_past, valid, k_new, v_new, scale)[0]
+    """Attention over positions [0, Q(L0)) from the codes, [Q(L0), L0) from the fp ring (values from
+    their codes when there is no value ring), and the chunk itself causally.
 
-
-def _kivi_past(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, cache_position, bits,
-               group_size, residual, dtype):
+    The codes are never dequantized to a cache-sized tensor: with ``k = c s + z`` per key group
+    and ``v = c s + z`` per value group, ``q.k = (q * s).c + q.z`` and ``p.v = (p * s).c + p.z``,
+    so the scales fold into the (small) query and probabilities and each packed byte enters
+    the two products through :func:`_byte_floors` (a cast, a scale and a floor per code).
+    """
+    B, Hq, T, D = q.shape
+    H, C, W = k_new.shape[1], v_codes.shape[2], k_ring.shape[2]
+    rep, G, per_byte = Hq // H, group_size, 8 // bits
+    rows = rep * T  # query rows of a kv head: (repeat, token), token inner
     start = _start(cache_position)
-    q0 = quantized_count(start, residual, group_size)
-    k_q = dequantize_keys(k_codes, k_scale, k_zero, bits, group_size, dtype)
-    v_q = dequantize_values(v_codes, v_scale, v_zero, bits, group_size, dtype)
-    quant_valid = torch.arange(v_codes.shape[2], device=k_ring.device) < q0
-    ring_pos = _ring_positions(start, k_ring.shape[2], k_ring.device)
-    ring_valid = (ring_pos >= q0) & (ring_pos >= 0)
-    valid = torch.cat([quant_valid, ring_valid])
-    return torch.cat([k_q, k_ring.to(dtype)], dim=2), torch.cat([v_q, v_ring.to(dtype)], dim=2), valid
+    q0 = quantized_count(start, residual, G)
+    qf = q.float().reshape(B, H, rows, D)
+    # keys: [B, H, C/G groups, D, rows] query scaled per group, then one product per code of a byte
+    q_scaled = k_scale.float()[..., None] * qf.transpose(-1, -2)[:, :, None]
+    floors = _byte_floors(k_codes.reshape(B, H, C // G, G // per_byte, D), bits)
+    codes_q = _codes_of([torch.matmul(u, q_scaled) for u in floors], bits)  # per code [B, H, C/G, G/P, rows]
+    k_bias = torch.matmul(k_zero.float(), qf.transpose(-1, -2))  # [B, H, C/G, rows]
+    s_quant = (torch.stack(codes_q, dim=-2).reshape(B, H, C // G, G, rows) + k_bias[:, :, :, None])
+    s_quant = s_quant.reshape(B, H, C, rows).transpose(-1, -2)
+    s_ring = torch.matmul(qf, k_ring.float().transpose(-1, -2))
+    s_new = torch.matmul(qf, k_new.float().transpose(-1, -2))
+    scores = torch.cat([s_quant, s_ring, s_new], dim=-1) * scale  # [B, H, rows, C + W + T]
+    ring_pos = _ring_positions(start, W, q.device)
+    slot = torch.arange(C, device=q.device)
+    t = torch.arange(T, device=q.device)
+    valid = torch.cat([(slot < q0).expand(rows, C), ((ring_pos >= q0) & (ring_pos >= 0)).expand(rows, W),
+                       (t[None, :] <= t[:, None]).repeat(rep, 1)], dim=-1)
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1)
+    p_quant, p_ring, p_new = probs.split([C, W, T], dim=-1)
+    out = torch.matmul(p_new, v_new.float())
+    if v_ring is not None:
+        out = out + torch.matmul(p_ring, v_ring.float())
+    else:  # ring positions' values come from their codes: ring slot of position j is j mod W
+        in_ring = (slot >= q0) & (slot < start)
+        p_quant = p_quant + torch.where(in_ring, p_ring.index_select(-1, torch.remainder(slot, W)), 0.0)
+    # values: [B, H, D/G groups, rows, C] probabilities scaled per group, one product per code
+    groups = D // G
+    p_scaled = v_scale.float().transpose(-1, -2)[:, :, :, None] * p_quant[:, :, None]
+    v_bytes = v_codes.reshape(B, H, C, groups, G // per_byte)
+    v_bytes = v_bytes.transpose(2, 3) if groups > 1 else v_bytes.reshape(B, H, 1, C, G // per_byte)
+    codes_p = _codes_of([torch.matmul(p_scaled, u) for u in _byte_floors(v_bytes, bits)], bits)
+    v_out = torch.stack(codes_p, dim=-1).reshape(B, H, groups, rows, G)  # channel = byte * P + code
+    v_out = v_out + torch.matmul(p_quant, v_zero.float()).transpose(-1, -2)[..., None]
+    out = out + v_out.transpose(2, 3).reshape(B, H, rows, D)
+    return out.reshape(B, Hq, T, D).transpose(1, 2).contiguous().to(q.dtype)
 
 
 def kivi_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new,
                cache_position, bits: int, group_size: int, residual: int):
-    """Append the chunk: values quantized per token, both into the fp ring, whole key groups
-    that left the window quantized per channel. Returns the eight state tensors."""
+    """Append the chunk: values quantized per token, both into the fp ring(s), whole key groups
+    that left the window quantized per channel. Returns the state tensors (7 without a value ring)."""
     G, T = group_size, k_new.shape[2]
     ring = k_ring.shape[2]
     start = _start(cache_position)
@@ -202,8 +250,10 @@ def kivi_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_rin
     # fp ring: the last W positions
     ring_pos = _ring_positions(end, ring, k_new.device)
     ring_source = torch.where(ring_pos >= start, ring_pos - start, -1)
-    k_ring, v_ring = write_slots(k_ring, k_new, ring_source), write_slots(v_ring, v_new, ring_source)
-    return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring
+    k_ring = write_slots(k_ring, k_new, ring_source)
+    if v_ring is None:
+        return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring
+    return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, write_slots(v_ring, v_new, ring_source)
 
 
 # -- eviction --------------------------------------------------------------------------------
@@ -324,8 +374,13 @@ def kivi_attention_triton(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_
     mask = torch.cat([torch.arange(v_codes.shape[2], device=q.device) < q0, ring_valid,
                       torch.ones(1, dtype=torch.bool, device=q.device)])
     B = q.shape[0]
+    if v_ring is not None:
+        v_recent = v_ring
+    else:  # no value ring: the ring positions' values from their codes (a ring's worth of rows)
+        v_recent = dequantize_values(v_codes.index_select(2, ring_pos.clamp(min=0)), v_scale.index_select(
+            2, ring_pos.clamp(min=0)), v_zero.index_select(2, ring_pos.clamp(min=0)), bits, group_size, q.dtype)
     out = decode_attention(q[:, :, 0].contiguous(), k_codes, k_scale, k_zero, v_codes, v_scale, v_zero,
-                           torch.cat([k_ring, k_new], dim=2), torch.cat([v_ring, v_new], dim=2),
+                           torch.cat([k_ring, k_new], dim=2), torch.cat([v_recent, v_new], dim=2),
                            bits=bits, group_size=group_size, scale=scale,
                            mask=mask[None].expand(B, -1).contiguous())
     return out[:, None]

@@ -138,15 +138,18 @@ class CompressKV(Pass):
                  StateTensor(f"v_codes_{i}", (H, capacity, D * bits // 8), torch.uint8),
                  StateTensor(f"v_scale_{i}", (H, capacity, D // G), torch.float16),
                  StateTensor(f"v_zero_{i}", (H, capacity, D // G), torch.float16),
-                 StateTensor(f"k_ring_{i}", (H, ring, D), ring_dtype),
-                 StateTensor(f"v_ring_{i}", (H, ring, D), ring_dtype)]
+                 StateTensor(f"k_ring_{i}", (H, ring, D), ring_dtype)]
+        if self.residual:  # R = 0: values are read from their codes as soon as they arrive
+            state.append(StateTensor(f"v_ring_{i}", (H, ring, D), ring_dtype))
         params = (bits, G, self.residual)
 
         def attention(gm, q, k_new, v_new, position, scale, cache):
+            cache = cache if self.residual else [*cache, None]
             return gm.graph.call_function(torch.ops.rarefy.kivi_attention.default,
                                           (q, k_new, v_new, *cache, position, scale, *params)), None
 
         def write(gm, k_new, v_new, position, cache, votes):
+            cache = cache if self.residual else [*cache, None]
             return gm.graph.call_function(torch.ops.rarefy.kivi_write.default,
                                           (*cache, k_new, v_new, position, *params))
 

@@ -9,6 +9,12 @@ SmoothQuant (Xiao et al. 2023, "per-token + per-channel", their O1-style dynamic
 variant) and LLM.int8()'s vector-wise quantization without its fp16 outlier split. Run
 ``SmoothQuant`` first to move activation outliers into the weights.
 
+``granularity="tensor"`` instead quantizes the whole activation with one asymmetric uint8
+scale and zero point (ONNX ``DynamicQuantizeLinear``; ``rarefy::linear_w8a8_tensor``), which
+ONNX Runtime runs as one fused ``DynamicQuantizeMatMul`` -- the operator its own
+``quantize_dynamic`` produces, so the same speed -- at some accuracy cost on activations with
+outliers (run ``SmoothQuant`` first; ``benchmarks/quantize_minilm.py`` measures both).
+
 Nothing is calibrated: the scales of activations are computed on the fly, so no
 calibration data is needed. Lowering: the Triton backend runs
 ``rarefy.kernels.int8_gemm.w8a8_linear``; ONNX Runtime runs per-token quantization plus
@@ -26,6 +32,7 @@ from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tens
 from .base import Pass, PassResult
 
 ACTIVATION_BITS = (8,)
+GRANULARITIES = ("token", "tensor")
 
 
 def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,8 +48,12 @@ class QuantizeActivations(Pass):
 
     dialects = ("fx", "onnx")
 
-    def __init__(self, bits: int = 8, *, targets=None, ignore=None, budget=None):
+    def __init__(self, bits: int = 8, granularity: str = "token", *, targets=None, ignore=None, budget=None):
+        """``granularity``: one activation scale per token (``"token"``) or per tensor (``"tensor"``)."""
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        if granularity not in GRANULARITIES:
+            raise UnsupportedError(f"QuantizeActivations: granularity={granularity!r}; choose one of {GRANULARITIES}")
+        self.granularity = granularity
         if bits not in ACTIVATION_BITS:
             raise UnsupportedError(
                 f"QuantizeActivations: bits={bits} is not supported; choose one of {ACTIVATION_BITS} "
@@ -66,7 +77,7 @@ class QuantizeActivations(Pass):
         details = {}
         rewrite = _rewrite_fx if graph.dialect == "fx" else _rewrite_onnx
         for site in chosen:
-            details[site.name] = rewrite(graph, site)
+            details[site.name] = rewrite(graph, site, self.granularity)
         if graph.dialect == "fx":
             drop_unused_attrs(graph.fx)
         stats = {"w8a8_linear": len(chosen), "skipped": len(skipped)}
@@ -80,7 +91,7 @@ def _weight_error(weight: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor
     return {"weight_sqnr_db": round(float(-10 * torch.log10(err.clamp_min(1e-30))), 2)}
 
 
-def _rewrite_fx(graph, site) -> dict:
+def _rewrite_fx(graph, site, granularity: str) -> dict:
     gm = graph.fx
     node = site.nodes[0]
     weight = get_tensor(gm, site.tensors["weight"])
@@ -90,7 +101,8 @@ def _rewrite_fx(graph, site) -> dict:
     s_name = add_tensor(gm, f"{hint}.w_scale", w_scale)
     bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
     with gm.graph.inserting_before(node):
-        new = gm.graph.call_function(torch.ops.rarefy.linear_w8a8.default, (
+        op = torch.ops.rarefy.linear_w8a8 if granularity == "token" else torch.ops.rarefy.linear_w8a8_tensor
+        new = gm.graph.call_function(op.default, (
             node.args[0], get_attr_node(gm, node, q_name), get_attr_node(gm, node, s_name), bias,
         ))
     new.meta = dict(node.meta)
@@ -99,10 +111,10 @@ def _rewrite_fx(graph, site) -> dict:
     return _weight_error(weight, w_q, w_scale)
 
 
-def _rewrite_onnx(graph, site) -> dict:
+def _rewrite_onnx(graph, site, granularity: str) -> dict:
     from ..ir.onnx_sites import replace_with_w8a8
 
     weight = site.info["weight_value"]()
     w_q, w_scale = quantize_weight_per_channel(weight)
-    replace_with_w8a8(graph, site, w_q, w_scale)
+    replace_with_w8a8(graph, site, w_q, w_scale, granularity)
     return _weight_error(weight, w_q, w_scale)

@@ -34,19 +34,22 @@ def dense_logits(step, ids):
     return teacher_forced_logits(step, ids)
 
 
-@pytest.mark.parametrize("bits, floor_db", [(4, 25.0), (2, 10.0)])
-def test_kivi_shrinks_the_cache_within_budget(step, ids, dense_logits, bits, floor_db):
-    small = rf.optimize(step, [CompressKV("quantize", bits=bits, group_size=8, residual=8)], evaluation=[ids[:, :20]],
-                        progress=False)
+@pytest.mark.parametrize("bits, G, R, floor_db", [(4, 8, 8, 25.0), (2, 8, 8, 10.0), (4, 16, 0, 25.0)])
+def test_kivi_shrinks_the_cache_within_budget(step, ids, dense_logits, bits, G, R, floor_db):
+    small = rf.optimize(step, [CompressKV("quantize", bits=bits, group_size=G, residual=R)],
+                        evaluation=[ids[:, :20]], progress=False)
     record = small.report.rows[-1]
     # it fired: every layer swapped for the packed cache ops, state stored as uint8 codes
     assert record.stats["quantize_layers"] == 2
     ops = {n.target for n in small.fx.graph.nodes if n.op == "call_function"}
     assert torch.ops.rarefy.kivi_attention.default in ops and torch.ops.rarefy.cache_attention.default not in ops
     assert small.signature.dtypes[small.signature.names.index("k_codes_0")] == torch.uint8
-    # the bytes really shrink. Per layer and kv head (C=64, Dh=16, G=8): codes 2 * 64*16*bits/8,
-    # fp16 scale+zero 2 * 2 * (8*16 keys, 64*2 values), fp16 ring 2 * 16*16*2, vs fp32 2 * 64*16*4
-    expected = (2 * 64 * 16 * bits / 8 + 2 * 2 * 2 * 128 + 2 * 16 * 16 * 2) / (2 * 64 * 16 * 4)
+    assert ("v_ring_0" in small.signature.names) == (R > 0)  # R = 0: values only as codes
+    # the bytes really shrink; the pass docstring's formula per layer and kv head (C=64, Dh=16):
+    # codes 2 * C*Dh*bits/8, fp16 scale+zero 2 * 2 * (C/G*Dh keys + C*Dh/G values), fp16 ring(s) (R+G)*Dh*2
+    # (keys; values too when R > 0), vs fp32 2 * C*Dh*4
+    rings = 2 if R else 1
+    expected = (2 * 64 * 16 * bits / 8 + 2 * 2 * 2 * 64 * 16 / G + rings * (R + G) * 16 * 2) / (2 * 64 * 16 * 4)
     assert small.cache_bytes() / step.cache_bytes() == pytest.approx(expected)
     # within budget: 48 tokens, 24-40 of them quantized; floors are ~10 dB under what this tiny
     # random model gives (int4 ~35 dB, int2 ~20 dB): they catch layout bugs (garbage is < 0 dB)
@@ -146,11 +149,14 @@ def test_bad_requests_fail_before_any_work(step):
 
 
 def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
-    # one export covers the op families: KIVI on layer 0, SnapKV + int4 on layer 1 (targets= selects)
+    # one export covers the op families (targets= selects): KIVI with an fp window and two value groups
+    # per token on layer 0, KIVI without a window (values from codes, one group per token) on layer 1,
+    # SnapKV + int4 on layer 2
     passes = [CompressKV("quantize", bits=4, group_size=8, residual=8, targets="*layers.0.*"),
-              CompressKV("snapkv", budget=12, window=4, bits=4, group_size=8, targets="*layers.1.*")]
-    small = rf.optimize(rf.capture_decoder(tiny_llama(), max_cache_len=32), passes, progress=False)
-    assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [1, 1]
+              CompressKV("quantize", bits=2, group_size=16, residual=0, targets="*layers.1.*"),
+              CompressKV("snapkv", budget=12, window=4, bits=4, group_size=8, targets="*layers.2.*")]
+    small = rf.optimize(rf.capture_decoder(tiny_llama(layers=3), max_cache_len=32), passes, progress=False)
+    assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [2, 2, 2]
     path = rf.export_onnx(small, tmp_path / "step.onnx")
     model = onnx.load(str(path))
     onnx.checker.check_model(model)
