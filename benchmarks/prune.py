@@ -8,9 +8,10 @@
   MLP sublayers only, scored by Block Influence (cosine) or by the loss increase (ppl).
   Perplexity, and ONNX Runtime latency (median of 5 runs) next to the dense model.
 
-Calibration: pydoc calibration split; evaluation: KJV evaluation split (different texts).
-Timings come from a shared 2-core machine on which other engineers run jobs too; run it as
-``flock /tmp/rarefy-bench.lock python benchmarks/prune.py`` (``--quick`` for a smoke run).
+Calibration: the KJV calibration split (Genesis to Psalm 62); evaluation: the KJV evaluation
+split (Psalm 62 to Revelation) -- disjoint text, as in benchmarks/quantize.py, whose fp32
+perplexity this one shares. Run it as ``flock /tmp/rarefy-bench.lock python benchmarks/prune.py``
+(``--quick`` for a smoke run); the load average is recorded.
 Results: ``benchmarks/results/prune.json`` and ``prune.md`` (``prune_quick.*`` with --quick).
 """
 from __future__ import annotations
@@ -58,8 +59,8 @@ def environment() -> dict:
     import transformers
 
     return {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; shared with other "
-                   f"engineers' jobs (timings are indicative)",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, {platform.platform()}; load average "
+                   f"{os.getloadavg()[0]:.1f} at the start",
         "threads": THREADS,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__},
@@ -139,7 +140,7 @@ def layer_grid(graph, calibration, evaluation, dense_ppl, latency_batch, repeats
         for metric in ("cosine", "ppl"):
             start = time.perf_counter()
             # ppl bypasses each of the 30 units in turn: two calibration sequences keep it affordable
-            batches = calibration if metric == "cosine" else [{k: v[:2] for k, v in calibration[0].items()}]
+            batches = calibration if metric == "cosine" else calibration[:2]
             out = rf.optimize(graph, [DropLayers(fraction=0.25, unit=unit, metric=metric)],
                               calibration=batches, verify=False, progress=False)
             seconds = time.perf_counter() - start
@@ -174,16 +175,17 @@ def run(quick: bool, part: str) -> dict:
     """One part of the benchmark ("sparsity", "layers" or "dense"), saved on its own."""
     torch.set_num_threads(THREADS)
     model, tok = load_smollm2()
-    n_cal, n_eval, size, seq = (1, 1, 2, 64) if quick else (2, 2, 2, 256)
-    calibration = token_batches(tok, "pydoc", "calibration", n_batches=n_cal, batch_size=2 * size, seq_len=seq // 2)
-    evaluation = token_batches(tok, "kjv", "evaluation", n_batches=n_eval, batch_size=size, seq_len=seq)
+    n_cal, n_eval, seq = (2, 1, 64) if quick else (16, 8, 512)
+    calibration = token_batches(tok, "kjv", "calibration", n_batches=n_cal, batch_size=1, seq_len=seq)
+    evaluation = token_batches(tok, "kjv", "evaluation", n_batches=n_eval, batch_size=1, seq_len=seq)
     latency_batch = token_batches(tok, "kjv", "evaluation", n_batches=1, batch_size=1, seq_len=seq, seed=1)[0]
     repeats = 2 if quick else 5
     graph = rf.capture(model, calibration[0])
     dense_ppl = perplexity(graph, evaluation)
     result = {"quick": quick, **environment(), "model": "SmolLM2-135M-Instruct (fp32 from the bundled GGUF)",
-              "calibration": f"{describe('pydoc', 'calibration')}: {n_cal} x {2 * size} x {seq // 2} tokens",
-              "evaluation": f"{describe('kjv', 'evaluation')}: {n_eval} x {size} x {seq} tokens",
+              "calibration": f"{describe('kjv', 'calibration')}: {n_cal} x {seq} tokens (layer dropping's ppl "
+                             f"metric: the first 2)",
+              "evaluation": f"{describe('kjv', 'evaluation')}: {n_eval} x {seq} tokens",
               "latency_input": f"1 x {seq} tokens, ONNX Runtime graph optimisations on, {THREADS} threads, "
                                f"median of {repeats}",
               "targets": TARGETS, "dense": {"perplexity": dense_ppl}}

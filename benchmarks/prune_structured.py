@@ -11,16 +11,15 @@
   embedding cosine (mean-pooled, L2-normalised, mean over sentences) of the ONNX Runtime
   output against fp32 torch, and ONNX Runtime speedup against the unpruned ONNX model.
 
-Calibration: pydoc calibration split; evaluation: King James Bible evaluation split (different
-texts, named in the results). Latency: medians of ``--repeats`` runs with the unpruned and the
+Calibration: the King James Bible's calibration split (Genesis to Psalm 62); evaluation: its
+evaluation split (Psalm 62 to Revelation) -- disjoint text, named in the results. Latency: medians of ``--repeats`` runs with the unpruned and the
 pruned session measured alternately, graph optimisations on, 2 intra-op threads. Magnitude, FLAP
 and Torch-Pruning remove the same number of heads / channels per block, so the models have the
 same shapes: only FLAP's is exported and timed (it carries the extra compensation biases), which
 keeps the run to one ONNX export per fraction on this shared machine. The tool a
 user would otherwise pick, Torch-Pruning (``pip install torch-pruning``; skipped with the reason
 when absent), prunes MiniLM at the same per-block counts with its group-magnitude criterion
-and goes through the same capture / ONNX / ORT path. On SmolLM2 it is not run. Timings come
-from a shared 2-core machine: run
+and goes through the same capture / ONNX / ORT path. On SmolLM2 it is not run. Run
 ``flock /tmp/rarefy-bench.lock python benchmarks/prune_structured.py``.
 """
 from __future__ import annotations
@@ -89,8 +88,8 @@ def _export(graph, workdir: Path, name: str):
 
 def smollm2(quick: bool, repeats: int, workdir: Path) -> dict:
     model, tok = load_smollm2()
-    calib = token_batches(tok, "pydoc", "calibration", n_batches=1 if quick else 4, batch_size=4, seq_len=128)
-    evaluation = token_batches(tok, "kjv", "evaluation", n_batches=1 if quick else 4, batch_size=2, seq_len=256)
+    calib = token_batches(tok, "kjv", "calibration", n_batches=1 if quick else 8, batch_size=1, seq_len=512)
+    evaluation = token_batches(tok, "kjv", "evaluation", n_batches=1 if quick else 8, batch_size=1, seq_len=512)
     latency_input = token_batches(tok, "kjv", "evaluation", n_batches=1, batch_size=1, seq_len=256, seed=1)[0]
     graph = rf.capture(model, calib[0])
     n_blocks = len(graph.sites("block"))
@@ -118,8 +117,9 @@ def smollm2(quick: bool, repeats: int, workdir: Path) -> dict:
                 rows[name].update({"onnx_bytes": size, "ort_ms_base": base_ms, "ort_ms": pruned_ms,
                                    "speedup": base_ms / pruned_ms})
             print(f"[prune_structured] smollm2 {name}: {rows[name]}", flush=True)
-    return {"model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)", "calibration": describe("pydoc", "calibration"),
-            "evaluation": describe("kjv", "evaluation"), "block_linear_params": block_params, "rows": rows,
+    return {"model": "SmolLM2-135M-Instruct (fp32 from the Q4_1 GGUF)",
+            "calibration": describe("kjv", "calibration") + f": {len(calib)} x 512 tokens",
+            "evaluation": describe("kjv", "evaluation") + f": {len(evaluation)} x 512 tokens", "block_linear_params": block_params, "rows": rows,
             "latency_input": "1 x 256 tokens"}
 
 
@@ -149,7 +149,7 @@ def torch_pruning_minilm(calib_batch, n_heads: int, n_channels: int):
 
 def minilm(quick: bool, repeats: int, workdir: Path) -> dict:
     model, tok = load_minilm()
-    calib = sentence_batches(tok, "pydoc", "calibration", n_batches=1 if quick else 4, batch_size=16, max_len=128)
+    calib = sentence_batches(tok, "kjv", "calibration", n_batches=1 if quick else 4, batch_size=16, max_len=128)
     evaluation = sentence_batches(tok, "kjv", "evaluation", n_batches=1, batch_size=8 if quick else 32, max_len=128)
     batch = evaluation[0]
     graph = rf.capture(model, calib[0])
@@ -204,7 +204,7 @@ def minilm(quick: bool, repeats: int, workdir: Path) -> dict:
         }
         print(f"[prune_structured] minilm torch_pruning: {rows[f'torch_pruning_{int(fraction * 100)}']}", flush=True)
     return {"model": "all-MiniLM-L6-v2", "batch": f"{batch['input_ids'].shape[0]} x {batch['input_ids'].shape[1]}",
-            "calibration": describe("pydoc", "calibration") + " (sentences)",
+            "calibration": describe("kjv", "calibration") + " (sentences)",
             "evaluation": describe("kjv", "evaluation") + " (sentences)", "block_linear_params": block_params,
             "fp32_onnx_bytes": base_bytes, "rows": rows}
 
@@ -213,7 +213,7 @@ def environment() -> dict:
     import onnxruntime
     import transformers
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores; shared with other engineers' jobs",
+    return {"machine": f"{platform.machine()}, {os.cpu_count()} cores; load average {os.getloadavg()[0]:.1f} at the start",
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__}}
 
@@ -239,8 +239,8 @@ def _timing(row: dict) -> str:
 def markdown(result: dict) -> str:
     smol, mini = result["smollm2"], result["minilm"]
     lines = [f"# Structured pruning{' (quick)' if result['quick'] else ''}", "",
-             f"Machine: {result['machine']}. Timings come from a shared 2-core machine (ORT, {THREADS} threads, "
-             f"medians of {result['repeats']} alternating runs).", "",
+             f"Machine: {result['machine']}. Latency: ORT, {THREADS} threads, "
+             f"medians of {result['repeats']} alternating runs.", "",
              f"## {smol['model']}: MLP channels, magnitude vs FLAP", "",
              f"Calibration: {smol['calibration']}. Evaluation: {smol['evaluation']}. Latency on "
              f"{smol['latency_input']}. Fractions are of the block linear parameters "
