@@ -150,10 +150,10 @@ def test_bad_requests_fail_before_any_work(step):
 
 def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
     # one export covers the op families (targets= selects): KIVI with an fp window and two value groups
-    # per token on layer 0, KIVI without a window (values from codes, one group per token) on layer 1,
+    # per token on layer 0, KIVI without a window (values from their codes) on layer 1,
     # SnapKV + int4 on layer 2
     passes = [CompressKV("quantize", bits=4, group_size=8, residual=8, targets="*layers.0.*"),
-              CompressKV("quantize", bits=2, group_size=16, residual=0, targets="*layers.1.*"),
+              CompressKV("quantize", bits=2, group_size=8, residual=0, targets="*layers.1.*"),
               CompressKV("snapkv", budget=12, window=4, bits=4, group_size=8, targets="*layers.2.*")]
     small = rf.optimize(rf.capture_decoder(tiny_llama(layers=3), max_cache_len=32), passes, progress=False)
     assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [2, 2, 2]
