@@ -13,6 +13,23 @@ def get_tensor(gm: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
+def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Point the attribute ``target`` at ``value`` (a parameter stays a frozen parameter).
+
+    Passes change weights only this way, never by writing into a tensor: graph copies share
+    their tensors (``Graph.copy``), so an in-place write would reach the caller's graph.
+    """
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    value = value.detach().contiguous()
+    if attr in owner._parameters:
+        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        setattr(owner, attr, value)
+
+
 def add_tensor(gm: torch.fx.GraphModule, hint: str, tensor: torch.Tensor) -> str:
     """Register ``tensor`` as a buffer of the root module under a fresh name from ``hint``."""
     base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)

@@ -79,9 +79,18 @@ class Graph:
         return find_sites(self, kind)
 
     def copy(self) -> "Graph":
-        """A deep copy: program, parameters and metadata. The report is not copied."""
+        """A new graph: program and metadata copied, the report not.
+
+        FX: the module tree and the fx graph are deep-copied but the weight tensors are shared,
+        so a copy costs no weight memory (a pass on a 1 GB model does not need another 1 GB).
+        This is safe because passes never write into a tensor: they replace the attribute
+        that holds it (``add_tensor`` / ``_set_tensor`` and friends). Code that writes into an
+        optimized graph's weights in place should ``copy.deepcopy(graph.fx)`` first.
+        ONNX: the model is cloned, initializers included.
+        """
         if self.dialect == "fx":
-            program = copy.deepcopy(self.program)
+            shared = {id(t): t for t in _fx_tensors(self.program)}
+            program = copy.deepcopy(self.program, shared)
         else:
             from .onnx_dialect import clone_model
 
@@ -125,6 +134,13 @@ class Graph:
             f"rf.Graph({source}, dialect={self.dialect}, nodes={self.node_count()}, "
             f"params={self.parameter_bytes() / 1e6:.2f} MB, inputs={self.signature.describe()})"
         )
+
+
+def _fx_tensors(gm: torch.fx.GraphModule) -> list[torch.Tensor]:
+    """Every parameter, buffer and tensor constant the program reads."""
+    tensors = list(gm.parameters()) + list(gm.buffers())
+    tensors += [t for t in (_get_attr(gm, name) for name in _fx_constant_attrs(gm)) if isinstance(t, torch.Tensor)]
+    return tensors
 
 
 def _fx_constant_attrs(gm: torch.fx.GraphModule) -> list[str]:

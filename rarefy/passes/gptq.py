@@ -32,7 +32,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import get_tensor
+from ..ir.fx_utils import get_tensor, set_tensor
 from .quantize import WEIGHT_QUANTIZERS, block_size_for, group_scales, quantize_with
 
 log = logging.getLogger(__name__)
@@ -208,7 +208,7 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         results[site.name] = to_blocks(codes, scales, zeros, group_size)
         if _readers_of(gm, path) > 1:
             originals.setdefault(path, weight)
-        _set_tensor(gm, path, deq.to(weight.dtype))  # later layers see this layer quantized
+        set_tensor(gm, path, deq.to(weight.dtype))  # later layers see this layer quantized
         readers[source] -= 1
         if readers[source] == 0:
             del hessians[source]
@@ -221,24 +221,13 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         pass  # stopping here spares the rest of the graph, e.g. the LM head's batch x tokens x vocab logits
     finally:
         for path, weight in originals.items():
-            _set_tensor(gm, path, weight)
+            set_tensor(gm, path, weight)
     return results
 
 
 def _readers_of(gm: torch.fx.GraphModule, path: str) -> int:
     """How many nodes read the module attribute ``path``."""
     return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == path)
-
-
-def _set_tensor(gm: torch.nn.Module, path: str, value: torch.Tensor) -> None:
-    owner_path, _, attr = path.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if attr in owner._parameters:
-        owner._parameters[attr] = torch.nn.Parameter(value, requires_grad=False)
-    elif attr in owner._buffers:
-        owner._buffers[attr] = value
-    else:
-        setattr(owner, attr, value)
 
 
 def _gptq_weights(p, graph, sites, ctx) -> dict:

@@ -37,7 +37,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
+from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor, set_tensor
 from ..ir.onnx_structure import onnx_dependency_groups
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
 from .base import Pass, PassResult
@@ -264,7 +264,7 @@ def compensate_bias(gm, group: DependencyGroup, removed: list[int], activations:
         delta = flap_delta(weight, group, removed, activations[node.args[1].target])
         bias = node.args[2] if len(node.args) > 2 else None
         if bias is not None:
-            _replace_tensor(gm, bias.target, get_tensor(gm, bias.target).detach() + delta)
+            set_tensor(gm, bias.target, get_tensor(gm, bias.target).detach() + delta)
         else:
             name = add_tensor(gm, f"{node.args[1].target}.flap_bias", delta)
             node.args = (node.args[0], node.args[1], get_attr_node(gm, node, name))
@@ -278,7 +278,7 @@ def prune_group(gm, group: DependencyGroup, keep: list[int]) -> None:
         tensor = get_tensor(gm, target).detach()
         for dim, size in dims:
             tensor = tensor.index_select(dim, group.indices(size, keep))
-        _replace_tensor(gm, target, tensor)
+        set_tensor(gm, target, tensor)
     new_sizes: dict[str, dict[int, int]] = {}
     for (name, dim), size in group.slots.items():
         new_sizes.setdefault(name, {})[dim] = size // group.units * len(keep)
@@ -316,12 +316,3 @@ def _resize_meta(node, sizes: dict[int, int]) -> None:
         return
     with mode:
         node.meta["val"] = val.new_empty(shape)
-
-
-def _replace_tensor(gm, target: str, tensor: torch.Tensor) -> None:
-    owner_path, _, attr = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if attr in owner._parameters:
-        owner._parameters[attr] = torch.nn.Parameter(tensor.contiguous(), requires_grad=False)
-    else:
-        owner._buffers[attr] = tensor.contiguous()

@@ -39,7 +39,7 @@ import torch
 
 from ..ir.calibration import linear_input_stats
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import add_tensor, get_tensor
+from ..ir.fx_utils import add_tensor, get_tensor, set_tensor
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -135,7 +135,7 @@ class SmoothQuant(Pass):
                 scales = _apply_value(gm, group, act_max, weights, self.alpha)
             else:
                 scales = smoothing_scales(act_max, weights, self.alpha)
-                _apply_norm(gm, group, scales, weights)
+                _apply_norm(gm, group, scales)
                 stats["residual_compensation"] += len(group.other_uses)
             stats[f"folded_{group.kind}"] += 1
             stats["smoothed_linear"] += len(group.linears)
@@ -224,12 +224,17 @@ def _value_groups(graph, chosen) -> list[SmoothGroup]:
     return out
 
 
-def _apply_norm(gm, group: SmoothGroup, scales: torch.Tensor, weights: list[torch.Tensor]) -> None:
-    for w in weights:  # W diag(s)
-        w.data = (w.data.double() * scales).to(w.dtype)
+def _scaled(gm, target: str, factor: torch.Tensor) -> None:
+    """Replace the tensor at ``target`` by itself times ``factor`` (fp64 product, same dtype)."""
+    t = get_tensor(gm, target)
+    set_tensor(gm, target, (t.detach().double() * factor).to(t.dtype))
+
+
+def _apply_norm(gm, group: SmoothGroup, scales: torch.Tensor) -> None:
+    for site in group.linears:  # W diag(s)
+        _scaled(gm, site.tensors["weight"], scales)
     for target in group.fold.values():  # norm(x) diag(s)^-1
-        p = get_tensor(gm, target)
-        p.data = (p.data.double() / scales).to(p.dtype)
+        _scaled(gm, target, 1 / scales)
     if not group.other_uses:
         return
     # other readers see norm(x) diag(s)^-1 diag(s) = norm(x)
@@ -260,9 +265,8 @@ def _apply_value(gm, group: SmoothGroup, act_max, weights, alpha: float) -> torc
         w = o_weight.detach().reshape(-1, kv_heads, n_rep, head_dim).abs().amax(2).reshape(o_weight.shape[0], -1)
         per_kv = smoothing_scales(act, [w], alpha)
         full = per_kv.reshape(kv_heads, 1, head_dim).expand(kv_heads, n_rep, head_dim).reshape(-1)
-    o_weight.data = (o_weight.data.double() * full).to(o_weight.dtype)
-    v_weight.data = (v_weight.data.double() / per_kv[:, None]).to(v_weight.dtype)
+    _scaled(gm, group.linears[0].tensors["weight"], full)
+    _scaled(gm, group.fold["weight"], 1 / per_kv[:, None])
     if "bias" in group.fold:
-        v_bias = get_tensor(gm, group.fold["bias"])
-        v_bias.data = (v_bias.data.double() / per_kv).to(v_bias.dtype)
+        _scaled(gm, group.fold["bias"], 1 / per_kv)
     return full

@@ -34,7 +34,7 @@ import torch
 
 from ..ir.calibration import linear_input_stats, run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor
+from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor, set_tensor
 from .base import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -237,8 +237,7 @@ class Sparsify(Pass):
                 grams[source] = sum(_gram(args[0]) for args, _ in per_batch)
             weight = get_tensor(graph.fx, site.tensors["weight"])
             pruned, masks[site.name] = sparsegpt_prune(weight, grams[source], self.sparsity, self.nm)
-            with torch.no_grad():
-                weight.copy_(pruned)  # the node now runs with the pruned weight
+            set_tensor(graph.fx, site.tensors["weight"], pruned.to(weight.dtype))  # the node runs pruned
 
         run_lockstep(graph, ctx.batches, hook, progress=ctx.progress, desc="SparseGPT")
         return masks

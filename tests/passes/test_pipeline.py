@@ -52,6 +52,27 @@ def test_optimize_returns_new_graph_and_never_mutates_input():
     assert out.recipe == [{"pass": "QuantizeWeights", "bits": 8}]
 
 
+LOSSY_CHAINS = {
+    "smoothquant+awq": lambda: [rf.passes.SmoothQuant(), rf.passes.QuantizeWeights(bits=4, group_size=16, method="awq")],
+    "gptq": lambda: [rf.passes.QuantizeWeights(bits=4, group_size=16, method="gptq")],
+    "sparsegpt+w8a8": lambda: [rf.passes.Sparsify(0.5, method="sparsegpt"), rf.passes.QuantizeActivations()],
+    "flap+drop": lambda: [rf.passes.PruneChannels(0.25, method="flap"), rf.passes.DropLayers(count=1)],
+}
+
+
+@pytest.mark.parametrize("chain", sorted(LOSSY_CHAINS))
+def test_passes_share_weights_with_the_input_but_never_write_them(chain):
+    # Graph.copy shares weight tensors (no second copy of the model per pass), which is only
+    # sound if no pass writes into a tensor: every family's rewrite must leave the input intact
+    g, _ = _graph()
+    before = {k: v.clone() for k, v in g.fx.state_dict().items()}
+    shared = g.copy()
+    assert all(a is b for a, b in zip(g.fx.parameters(), shared.fx.parameters()))
+    out = rf.optimize(g, LOSSY_CHAINS[chain](), calibration=_calibration(), progress=False)
+    assert out.report.rows[-1].status == "applied"
+    assert all(torch.equal(before[k], v) for k, v in g.fx.state_dict().items())
+
+
 def test_report_measures_each_pass_against_the_original():
     g, _ = _graph()
     out = rf.optimize(g, [rf.passes.EliminateDeadCode(), rf.passes.QuantizeWeights(bits=4, group_size=16)],
