@@ -2,7 +2,7 @@
 
 One decode step is captured with ``rf.capture_decoder`` (static cache of CONTEXT = 1024
 slots) and compressed with ``CompressKV``: KIVI int4 (group 64, no fp window: the pass's
-defaults, 0.156x) and int2 (group 32, a 64-token fp16 window), H2O / SnapKV / StreamingLLM
+defaults, 0.156x) and int2 (group 16, a 128-token fp16 window), H2O / SnapKV / StreamingLLM
 eviction at budgets of 50% and 25% of the context, and eviction + int4 together.
 ``--part quality`` (no timings):
 
@@ -58,7 +58,7 @@ def configs(context: int) -> list[tuple[str, list]]:
     half, quarter = context // 2, context // 4
     out = [("fp32 cache", []),
            ("KIVI int4 (G64, R0)", [CompressKV("quantize", bits=4, group_size=64, residual=0)]),
-           ("KIVI int2 (G32, R64)", [CompressKV("quantize", bits=2, group_size=32, residual=64)])]
+           ("KIVI int2 (G16, R128)", [CompressKV("quantize", bits=2, group_size=16, residual=128)])]
     for budget, label in [(half, "50%"), (quarter, "25%")]:
         for method in ("h2o", "snapkv", "streaming"):
             out.append((f"{method} {label} ({budget} tokens)", [CompressKV(method, budget=budget)]))

@@ -44,7 +44,7 @@ LOCK = "/tmp/rarefy-bench.lock"
 PARTS = ("sparsity", "layers", "dense")
 METHODS = ("magnitude", "wanda", "sparsegpt")  # --methods: a subset
 LATENCY = True  # --no-latency: perplexity only (ORT latency waits for the shared lock)
-THREADS = 2
+THREADS = int(os.environ.get("RAREFY_BENCH_THREADS", "2"))  # 1 for quality-only runs side by side
 TARGETS = {  # the targets: perplexity ratios to the dense model
     "magnitude unstructured (reference x8.5)": 8.5, "magnitude 2:4 (reference x24)": 24.0,
     "wanda/sparsegpt unstructured <=": 1.60, "wanda/sparsegpt 2:4 <=": 2.50,

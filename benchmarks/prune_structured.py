@@ -42,7 +42,7 @@ from rarefy.models import load_minilm, load_smollm2, mean_pool_embedding
 from rarefy.passes import PruneChannels, PruneHeads
 
 RESULTS = Path(__file__).parent / "results"
-THREADS = 2
+THREADS = int(os.environ.get("RAREFY_BENCH_THREADS", "2"))  # 1 for quality-only runs side by side
 
 
 def _block_linear_params(graph) -> int:
