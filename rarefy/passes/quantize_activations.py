@@ -44,7 +44,7 @@ def quantize_weight_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, tor
 
 
 class QuantizeActivations(Pass):
-    """W8A8: dynamic per-token int8 activations times per-channel int8 weights, for linears."""
+    """W8A8: dynamic int8 activations (per token, or per tensor) times per-channel int8 weights, for linears."""
 
     dialects = ("fx", "onnx")
 
