@@ -49,7 +49,7 @@ from rarefy.models import load_smollm2  # noqa: E402
 from rarefy.passes import CompressKV  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-THREADS = 2
+THREADS = int(os.environ.get("RAREFY_BENCH_THREADS", "2"))  # 1: one pinned core per benchmark
 GENERATED = 128
 log = logging.getLogger("benchmarks.kv")
 

@@ -47,6 +47,7 @@ from rarefy.eval.metrics import perplexity
 from rarefy.models import load_smollm2
 
 RESULTS = Path(__file__).parent / "results"
+THREADS = int(os.environ.get("RAREFY_BENCH_THREADS", "2"))  # torch and ONNX Runtime threads
 IGNORE = ["lm_head"]
 UNIFORM = {  # name -> (bits, group_size, symmetric)
     "int4_sym_g64": (4, 64, True), "int4_asym_g64": (4, 64, False),
@@ -76,9 +77,9 @@ def settings() -> dict:
     return table
 
 
-# the settings whose ONNX artifact is built and timed: one per grid, plus a mixed allocation
+# the settings whose ONNX artifact is built and timed: one per grid
 ONNX_SETTINGS = ("fp32", "rtn_int4_sym_g64", "rtn_int4_asym_g64", "rtn_int3_asym_g64", "rtn_int8_channel",
-                 "mixed_gptq_3.5", "ort_rtn_int4_sym_b64", "ort_rtn_int4_asym_b64")
+                 "ort_rtn_int4_sym_b64", "ort_rtn_int4_asym_b64")
 
 
 class PeakRss:
@@ -161,7 +162,9 @@ def ort_runner(path: Path):
     """An ONNX Runtime session (default graph optimizations, as deployed) called like the model; logits."""
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = THREADS
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     names = [i.name for i in session.get_inputs()]
 
     def run(**batch):
@@ -200,7 +203,7 @@ def environment() -> dict:
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
                          "transformers": transformers.__version__, "onnxruntime": onnxruntime.__version__,
                          "rarefy": rf.__version__},
-            "torch_threads": torch.get_num_threads()}
+            "threads": THREADS}
 
 
 def markdown(result: dict) -> str:
@@ -302,6 +305,7 @@ def main() -> None:
     if args.merge:
         return merge(args.results, args.merge.split(","))
     torch.manual_seed(0)
+    torch.set_num_threads(THREADS)
     table = settings()
     chosen = [s for s in args.settings.split(",") if s] or list(table)
     unknown = set(chosen) - set(table)

@@ -48,7 +48,7 @@ from rarefy.passes.quantize_activations import QuantizeActivations
 from rarefy.passes.smoothquant import SmoothQuant
 
 RESULTS = Path(__file__).resolve().parent / "results"
-THREADS = 2
+THREADS = int(os.environ.get("RAREFY_BENCH_THREADS", "2"))  # 1: one pinned core per benchmark
 # The sentence embedding reads last_hidden_state only; the pooler (a Gemm on [CLS]) is
 # not part of it, so every rarefy variant leaves it alone rather than spend time on it.
 IGNORE = ["pooler.*"]
