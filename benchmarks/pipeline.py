@@ -178,7 +178,9 @@ def _environment() -> dict:
     mem = re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, {int(mem) / 2**20:.0f} GiB, "
-                   f"{platform.platform()}; shared with other engineers' jobs",
+                   f"{platform.platform()}; load average {os.getloadavg()[0]:.1f} at the start; "
+                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, CPU affinity "
+                   f"{sorted(os.sched_getaffinity(0))}",
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__, "onnxscript": onnxscript.__version__,
@@ -191,7 +193,7 @@ def _environment() -> dict:
 def _markdown(result: dict) -> str:
     lines = [
         "# Pipeline cost (benchmarks/pipeline.py)", "",
-        f"Machine: {result['machine']}. Timings come from a shared 2-core machine. "
+        f"Machine: {result['machine']}. "
         f"Medians of up to {result['runs']} runs (per model below), each a fresh process; batches of "
         f"{result['settings']['batch_size']} x {result['settings']['seq_len']} tokens, "
         f"{result['settings']['batches']} calibration (pydoc) and {result['settings']['batches']} evaluation (kjv).",
