@@ -312,7 +312,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown settings {sorted(unknown)}; known: {list(table)}")
     n_cal, n_eval, seq = (2, 1, 128) if args.quick else (32, 8, 512)
-    model, tok = load_smollm2()
+    model, tok = load_smollm2(attn_implementation="sdpa")  # fused attention: no batch x heads x seq^2 tensors in calibration
     calibration = token_batches(tok, "kjv", "calibration", n_batches=n_cal, batch_size=1, seq_len=seq)
     pydoc_calibration = token_batches(tok, "pydoc", "calibration", n_batches=n_cal, batch_size=1, seq_len=seq)
     evaluation = token_batches(tok, "kjv", "evaluation", n_batches=n_eval, batch_size=1, seq_len=seq)
