@@ -17,7 +17,8 @@ Hessian to that register: the ``gptq_int4_sym_g64_pydoc`` row measures it.) For 
 Settings: fp32; RTN / GPTQ / AWQ at int4 symmetric group 64, int4 asymmetric group 64, int3
 asymmetric group 64, int8 per-channel; MixedPrecision (GPTQ, asymmetric group 64) at 4.0 / 3.5
 / 3.0 average bits versus uniform GPTQ and versus a sensitivity-blind allocation (int3 and
-int4 on alternating layers, 3.5 bits); and ONNX Runtime's own MatMulNBits quantizer (RTN,
+int4 on alternating layers, 3.5 bits), with the default candidates (2, 3, 4, 8) and with
+(3, 4) at 3.5 bits / (3, 4, 8) at 4.0 bits; and ONNX Runtime's own MatMulNBits quantizer (RTN,
 int4, block 64) on the fp32 ONNX file, the tool a user would otherwise pick. ``lm_head``
 (tied to the embedding, whose fp32 table stays in the file anyway) is left in fp32 by
 every method, ORT's included.
@@ -66,6 +67,10 @@ def settings() -> dict:
         for avg in (4.0, 3.5, 3.0):
             table[f"mixed_{quantizer}_{avg}"] = (lambda a=avg, q=quantizer: [rf.passes.MixedPrecision(
                 avg_bits=a, group_size=64, symmetric=False, quantizer=q, ignore=IGNORE)])
+    for name, avg, candidates in (("mixed_gptq_3.5_c34", 3.5, (3, 4)), ("mixed_gptq_4.0_c348", 4.0, (3, 4, 8))):
+        table[name] = (lambda a=avg, c=candidates: [rf.passes.MixedPrecision(
+            avg_bits=a, candidates=c, group_size=64, symmetric=False, quantizer="gptq", ignore=IGNORE)])
+    for quantizer in ("gptq", "rtn"):
         table[f"alternating_3_4_{quantizer}"] = lambda q=quantizer: [  # sensitivity-blind: even layers int3, odd int4
             rf.passes.QuantizeWeights(bits=3, group_size=64, symmetric=False, method=q,
                                       targets=[r"re:layers\.\d*[02468]\."], ignore=IGNORE),
@@ -254,6 +259,7 @@ def targets(result: dict) -> dict:
         if rise(name) is not None:
             out[f"{name} ppl rise <= {limit:.0%}"] = {"rise": rise(name), "met": rise(name) <= limit}
     pairs = [(f"mixed_{q}_3.5", f"alternating_3_4_{q}", "<") for q in ("gptq", "rtn")] + \
+            [("mixed_gptq_3.5_c34", "alternating_3_4_gptq", "<"), ("mixed_gptq_4.0_c348", "gptq_int4_asym_g64", "<=")] + \
             [(f"mixed_{q}_4.0", f"{q}_int4_asym_g64", "<=") for q in ("gptq", "rtn")] + \
             [(f"mixed_{q}_3.0", f"{q}_int3_asym_g64", "<=") for q in ("gptq", "rtn")]
     for a, b, op in pairs:
