@@ -333,6 +333,7 @@ def main() -> None:
                    "evaluation": f"{describe('kjv', 'evaluation')}: {n_eval} x {seq} tokens",
                    "latency": f"ONNX Runtime latency: optimizations on, 1 x {seq} tokens, median of {args.repeats}",
                    "fp32_model_bytes": graph.parameter_bytes()})
+    mine: dict = {}  # the rows this run measured
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         fp32_path = workdir / "fp32.onnx"
@@ -351,7 +352,11 @@ def main() -> None:
             except Exception as exc:  # one broken setting must not lose the others' numbers
                 row = {"setting": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
             row["load_average"] = os.getloadavg()[0]
-            result["rows"].setdefault(name, {}).update(row)
+            mine[name] = row
+            if out.exists():  # another run may have written rows meanwhile: re-read, then add this run's
+                result["rows"] = json.loads(out.read_text())["rows"]
+            for done, values in mine.items():
+                result["rows"].setdefault(done, {}).update(values)
             print(f"[quantize] {name}: {json.dumps({k: v for k, v in row.items() if k not in ('notes', 'details')})[:600]}",
                   flush=True)
             RESULTS.mkdir(exist_ok=True)
