@@ -67,15 +67,14 @@ def settings() -> dict:
         for avg in (4.0, 3.5, 3.0):
             table[f"mixed_{quantizer}_{avg}"] = (lambda a=avg, q=quantizer: [rf.passes.MixedPrecision(
                 avg_bits=a, group_size=64, symmetric=False, quantizer=q, ignore=IGNORE)])
-    for name, avg, candidates in (("mixed_gptq_3.5_c34", 3.5, (3, 4)), ("mixed_gptq_4.0_c348", 4.0, (3, 4, 8))):
-        table[name] = (lambda a=avg, c=candidates: [rf.passes.MixedPrecision(
-            avg_bits=a, candidates=c, group_size=64, symmetric=False, quantizer="gptq", ignore=IGNORE)])
-    for quantizer in ("gptq", "rtn"):
         table[f"alternating_3_4_{quantizer}"] = lambda q=quantizer: [  # sensitivity-blind: even layers int3, odd int4
             rf.passes.QuantizeWeights(bits=3, group_size=64, symmetric=False, method=q,
                                       targets=[r"re:layers\.\d*[02468]\."], ignore=IGNORE),
             rf.passes.QuantizeWeights(bits=4, group_size=64, symmetric=False, method=q,
                                       targets=[r"re:layers\.\d*[13579]\."], ignore=IGNORE)]
+    for name, avg, candidates in (("mixed_gptq_3.5_c34", 3.5, (3, 4)), ("mixed_gptq_4.0_c348", 4.0, (3, 4, 8))):
+        table[name] = (lambda a=avg, c=candidates: [rf.passes.MixedPrecision(
+            avg_bits=a, candidates=c, group_size=64, symmetric=False, quantizer="gptq", ignore=IGNORE)])
     table["gptq_int4_sym_g64_pydoc"] = table["gptq_int4_sym_g64"]  # calibrated on another register
     table["ort_rtn_int4_sym_b64"] = "ort"
     table["ort_rtn_int4_asym_b64"] = "ort"

@@ -30,6 +30,18 @@ def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         setattr(owner, attr, value)
 
 
+def shared_weights(gm: torch.fx.GraphModule) -> set[str]:
+    """Attribute paths of tensors read by more than one op (tied embeddings, shared layers)."""
+    readers: dict[int, int] = {}
+    paths: dict[int, list[str]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            tensor = get_tensor(gm, node.target)
+            readers[id(tensor)] = readers.get(id(tensor), 0) + len(node.users)
+            paths.setdefault(id(tensor), []).append(node.target)
+    return {p for key, count in readers.items() if count > 1 for p in paths[key]}
+
+
 def add_tensor(gm: torch.fx.GraphModule, hint: str, tensor: torch.Tensor) -> str:
     """Register ``tensor`` as a buffer of the root module under a fresh name from ``hint``."""
     base = re.sub(r"[^0-9a-zA-Z_]", "_", hint)

@@ -84,7 +84,7 @@ class Graph:
         FX: the module tree and the fx graph are deep-copied but the weight tensors are shared,
         so a copy costs no weight memory (a pass on a 1 GB model does not need another 1 GB).
         This is safe because passes never write into a tensor: they replace the attribute
-        that holds it (``add_tensor`` / ``_set_tensor`` and friends). Code that writes into an
+        that holds it (``fx_utils.add_tensor`` / ``fx_utils.set_tensor``). Code that writes into an
         optimized graph's weights in place should ``copy.deepcopy(graph.fx)`` first.
         ONNX: the model is cloned, initializers included.
         """

@@ -77,10 +77,6 @@ def w8a8_linear_reference(x, w_q, w_scale, bias=None):
     return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
 
 
-def _round_half_even(v: torch.Tensor) -> torch.Tensor:
-    return torch.round(v)  # torch.round rounds half to even, as ONNX does
-
-
 def quantize_per_tensor_reference(x: torch.Tensor):
     """ONNX ``DynamicQuantizeLinear``: ``(codes int32 [...] in 0..255, scale fp32 [], zero_point int32 [])``.
 
@@ -92,8 +88,8 @@ def quantize_per_tensor_reference(x: torch.Tensor):
     hi = xf.max().clamp(min=0) if xf.numel() else xf.new_zeros(())
     scale = (hi - lo) / 255.0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    zero = _round_half_even(-lo / scale).clamp(0, 255)
-    codes = (_round_half_even(xf / scale) + zero).clamp(0, 255)
+    zero = torch.round(-lo / scale).clamp(0, 255)  # torch.round rounds half to even, as ONNX does
+    codes = (torch.round(xf / scale) + zero).clamp(0, 255)
     return codes.to(torch.int32), scale, zero.to(torch.int32)
 
 

@@ -18,8 +18,8 @@ the weight and writes the dequantized weight back, so later layers calibrate on 
 quantized model's activations. Only the current node's activations are held. The pass owns
 its copy of the graph, so a dequantized weight simply replaces the original (freeing it)
 until the packed rewrite of ``QuantizeWeights`` replaces it in turn; only a weight that other
-nodes also read (tied, e.g. an embedding shared with ``lm_head``) is restored afterwards. The grid is
-RTN's (``group_scales`` / ``quantize_with``) with the clipping range of each group searched
+ops also read (tied, e.g. an embedding shared with ``lm_head``) is restored afterwards.
+The grid is RTN's (``group_scales`` / ``quantize_with``) with the clipping range of each group searched
 (``_grid``), so GPTQ and RTN differ only in that search and in rounding.
 Dialect: FX. Dtypes: fp32 / fp16 weights (GPTQ runs in fp32).
 """
@@ -32,7 +32,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import get_tensor, set_tensor
+from ..ir.fx_utils import get_tensor, set_tensor, shared_weights
 from .quantize import WEIGHT_QUANTIZERS, block_size_for, group_scales, quantize_with
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,6 @@ def _grid_error(w, valid, scales, zeros, bits):
     return ((w - q).abs().pow(2.4) * valid).sum(-1)
 
 
-
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)^-1``; λ grows tenfold until H is positive definite."""
     eye = torch.eye(h.shape[0])
@@ -191,6 +190,7 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
     for site in sites:
         readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
     hessians: dict = {}
+    shared = shared_weights(gm)  # weights other ops read too: restored after the run
     originals: dict[str, torch.Tensor] = {}
     results: dict = {}
 
@@ -206,7 +206,7 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         codes, scales, zeros, deq = gptq_quantize(weight, hessians[source], bits[site.name], group_size,
                                                   symmetric, damp, act_order)
         results[site.name] = to_blocks(codes, scales, zeros, group_size)
-        if _readers_of(gm, path) > 1:
+        if path in shared:
             originals.setdefault(path, weight)
         set_tensor(gm, path, deq.to(weight.dtype))  # later layers see this layer quantized
         readers[source] -= 1
@@ -223,11 +223,6 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         for path, weight in originals.items():
             set_tensor(gm, path, weight)
     return results
-
-
-def _readers_of(gm: torch.fx.GraphModule, path: str) -> int:
-    """How many nodes read the module attribute ``path``."""
-    return sum(len(n.users) for n in gm.graph.nodes if n.op == "get_attr" and n.target == path)
 
 
 def _gptq_weights(p, graph, sites, ctx) -> dict:

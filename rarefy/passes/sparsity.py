@@ -34,7 +34,8 @@ import torch
 
 from ..ir.calibration import linear_input_stats, run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor, set_tensor
+from ..ir.fx_utils import (add_tensor, drop_unused_attrs, get_attr_node, get_tensor, set_tensor,
+                           shared_weights)
 from .base import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Sparsify(Pass):
         sites = graph.sites("linear")
         in_blocks = {name for block in graph.sites("block") for name in block.info["linears"]}
         names, skipped = self.select([s.name for s in sites])
-        shared = _shared_weights(graph)
+        shared = shared_weights(graph.fx)
         chosen = []
         for site in sites:
             if site.name not in names:
@@ -246,19 +247,6 @@ class Sparsify(Pass):
 def _gram(x: torch.Tensor) -> torch.Tensor:
     x = x.detach().reshape(-1, x.shape[-1]).float()
     return (x.T @ x).double()  # fp32 products, fp64 sum over batches
-
-
-def _shared_weights(graph) -> set[str]:
-    """Attribute paths of weights read by more than one op (tied embeddings, shared layers)."""
-    gm = graph.fx
-    readers: dict[int, int] = {}
-    paths: dict[int, list[str]] = {}
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            tensor = get_tensor(gm, node.target)
-            readers[id(tensor)] = readers.get(id(tensor), 0) + len(node.users)
-            paths.setdefault(id(tensor), []).append(node.target)
-    return {p for key, count in readers.items() if count > 1 for p in paths[key]}
 
 
 def _mean_sparsity(details: dict, sites) -> float:
