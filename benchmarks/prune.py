@@ -134,29 +134,41 @@ def sparsity_grid(graph, model, calibration, evaluation, dense_ppl, workdir, qui
     return {"rows": rows}
 
 
+LAYER_ROWS = (  # (metric, unit, iterative): the cheap one-shot cosine rows first, so the unit comparison lands early
+    *(("cosine", u, False) for u in ("block", "attention", "mlp")),
+    *(("ppl", u, False) for u in ("block", "attention", "mlp")),
+    ("ppl", "attention", True), ("ppl", "block", True), ("cosine", "attention", True),
+)
+
+
 def layer_grid(graph, calibration, evaluation, dense_ppl, latency_batch, repeats, quick, save_partial) -> dict:
     rows = []
-    # the cheap cosine metric first for every unit, so the unit comparison lands early
-    for metric, unit in [(m, u) for m in ("cosine", "ppl") for u in ("block", "attention", "mlp")]:
+    result = {"rows": rows}
+    if not quick and LATENCY:  # in this run, beside the dropped models' latencies
+        result["dense_ort_latency_ms"] = ort_latency_ms(graph, latency_batch, repeats)
+    timed_units = set()
+    for metric, unit, iterative in LAYER_ROWS:
         start = time.perf_counter()
         # ppl bypasses each of the 30 units in turn: two calibration sequences keep it affordable
         batches = calibration if metric == "cosine" else calibration[:2]
-        out = rf.optimize(graph, [DropLayers(fraction=0.25, unit=unit, metric=metric)],
+        out = rf.optimize(graph, [DropLayers(fraction=0.25, unit=unit, metric=metric, iterative=iterative)],
                           calibration=batches, verify=False, progress=False)
         seconds = time.perf_counter() - start
         row = out.report.rows[-1]
         ppl = perplexity(out, evaluation)
         dropped = [name for name, d in row.details.items() if isinstance(d, dict) and d.get("dropped")]
-        entry = {"unit": unit, "metric": metric, "dropped": dropped, "perplexity": ppl,
+        entry = {"unit": unit, "metric": metric, "iterative": iterative, "dropped": dropped, "perplexity": ppl,
                  "ratio": ppl / dense_ppl, "pass_seconds": seconds, "params_bytes": out.parameter_bytes(),
                  "scores": {n: d["score"] for n, d in row.details.items() if isinstance(d, dict)}}
         entry["calibration_tokens"] = sum(b["input_ids"].numel() for b in batches)
-        if metric == "cosine" and not quick and LATENCY:
+        # every row of a unit kind removes as many units of the same shape: one latency per kind
+        if unit not in timed_units and not quick and LATENCY:
             entry["ort_latency_ms"] = ort_latency_ms(out, latency_batch, repeats)
+            timed_units.add(unit)
         rows.append(entry)
         log.info("layers %s", {k: v for k, v in entry.items() if k != "scores"})
-        save_partial({"rows": rows})
-    return {"rows": rows}
+        save_partial(result)
+    return result
 
 
 def structured(quick: bool) -> dict:
@@ -249,12 +261,21 @@ def markdown(result: dict) -> str:
     lines += ["", "No speedup is expected on ONNX Runtime: it has no sparse GEMM on CPU, so the file stores the "
               "compressed weights and the graph expands them to dense.", "",
               "## Layer dropping (25% of the units: 7 of 30)", "",
-              "| unit | metric | perplexity | x dense | parameters | ORT latency | dropped |", "|---|---|---|---|---|---|---|"]
-    for r in result.get("layers", {}).get("rows", []):
+              "| unit | metric | schedule | perplexity | x dense | parameters | ORT latency | dropped |",
+              "|---|---|---|---|---|---|---|---|"]
+    layers = result.get("layers", {})
+    dense_ms = layers.get("dense_ort_latency_ms")
+    for r in layers.get("rows", []):
         latency = f"{r['ort_latency_ms']:.0f} ms" if "ort_latency_ms" in r else ""
+        if latency and dense_ms:
+            latency += f" ({dense_ms / r['ort_latency_ms']:.2f}x)"
         dropped = ", ".join(n.split(".")[2] for n in r["dropped"])
-        lines.append(f"| {r['unit']} | {r['metric']} | {r['perplexity']:.2f} | {r['ratio']:.2f} | "
+        schedule = "iterative" if r.get("iterative") else "one-shot"
+        lines.append(f"| {r['unit']} | {r['metric']} | {schedule} | {r['perplexity']:.2f} | {r['ratio']:.2f} | "
                      f"{r['params_bytes'] / 1e6:.0f} MB | {latency} | layers {dropped} |")
+    if dense_ms:
+        lines += ["", f"ORT latency of the dense model in the same run: {dense_ms:.0f} ms (speedups in brackets). "
+                      f"Latency is measured once per unit kind: every row of a kind removes 7 units of the same shape."]
     if "structured" in result:
         lines += ["", f"Structured pruning (benchmarks/prune_structured.py): "
                       f"{result['structured'].get('skipped', 'see prune.json, key structured')}"]

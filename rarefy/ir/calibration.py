@@ -64,12 +64,14 @@ Hook = Callable[[torch.fx.Node, list[tuple[tuple, dict]]], None]
 
 
 def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool = True,
-                 desc: str = "calibrating") -> list[list[torch.Tensor]]:
+                 desc: str = "calibrating", after: Callable[[torch.fx.Node], None] | None = None
+                 ) -> list[list[torch.Tensor]]:
     """Run ``graph`` (FX dialect) on every batch in lock step; returns flat outputs per batch.
 
     ``hook(node, per_batch_args)`` is called before each call_function node executes, with
     that node's (args, kwargs) for every batch; it may mutate module attributes (weights)
-    the node reads: the node then runs with the new values.
+    the node reads: the node then runs with the new values. ``after(node)`` is called once
+    the node has run on every batch (e.g. to release a weight nothing else reads).
     """
     gm = graph.fx
     leaves = [graph.signature.flatten(*split_inputs(b)) for b in batches]
@@ -101,6 +103,8 @@ def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool 
                     hook(node, per_batch)
                     per_batch = [_materialise(gm, node, env, b) for b in range(len(batches))]
                 env[node] = [_execute(gm, node, a, k) for a, k in per_batch]
+                if after is not None and node.op == "call_function":
+                    after(node)
             elif node.op == "output":
                 for b in range(len(batches)):
                     flat = pytree.tree_leaves(torch.fx.node.map_arg(node.args[0], lambda n: env[n][b]))

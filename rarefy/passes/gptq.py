@@ -15,10 +15,11 @@ Sequential, with bounded memory: ``run_lockstep`` runs the graph node by node fo
 calibration batches; the hook at each chosen linear builds its Hessian from that node's
 per-batch inputs (shared by linears that read the same input: q/k/v, gate/up), quantizes
 the weight and writes the dequantized weight back, so later layers calibrate on the
-quantized model's activations. Only the current node's activations are held. The pass owns
-its copy of the graph, so a dequantized weight simply replaces the original (freeing it)
-until the packed rewrite of ``QuantizeWeights`` replaces it in turn; only a weight that other
-ops also read (tied, e.g. an embedding shared with ``lm_head``) is restored afterwards.
+quantized model's activations. Only the current node's activations are held. The
+dequantized weight stands in for the original only while its node runs on the calibration
+batches; then the original (shared with the caller's graph, so free) is put back and only
+the codes are kept, as uint8: peak memory is the model, one node's activations per batch
+and the packed result, not a second fp32 model.
 The grid is RTN's (``group_scales`` / ``quantize_with``) with the clipping range of each group searched
 (``_grid``), so GPTQ and RTN differ only in that search and in rounding.
 Dialect: FX. Dtypes: fp32 / fp16 weights (GPTQ runs in fp32).
@@ -32,7 +33,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import get_tensor, set_tensor, shared_weights
+from ..ir.fx_utils import get_tensor, set_tensor
 from .quantize import WEIGHT_QUANTIZERS, block_size_for, group_scales, quantize_with
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,7 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
     for site in sites:
         readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
     hessians: dict = {}
-    shared = shared_weights(gm)  # weights other ops read too: restored after the run
-    originals: dict[str, torch.Tensor] = {}
+    originals: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}  # node -> its weight before GPTQ
     results: dict = {}
 
     def hook(node, per_batch):
@@ -205,22 +205,25 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
         weight = get_tensor(gm, path)
         codes, scales, zeros, deq = gptq_quantize(weight, hessians[source], bits[site.name], group_size,
                                                   symmetric, damp, act_order)
-        results[site.name] = to_blocks(codes, scales, zeros, group_size)
-        if path in shared:
-            originals.setdefault(path, weight)
-        set_tensor(gm, path, deq.to(weight.dtype))  # later layers see this layer quantized
+        results[site.name] = to_blocks(codes.to(torch.uint8), scales, zeros, group_size)
+        originals[node] = (path, weight)
+        set_tensor(gm, path, deq.to(weight.dtype))  # this node's outputs, and so later layers, see it quantized
         readers[source] -= 1
         if readers[source] == 0:
             del hessians[source]
-        if len(results) == len(sites):
-            raise _AllSitesDone
+
+    def after(node):
+        if node in originals:
+            set_tensor(gm, *originals.pop(node))  # the dequantized copy is no longer needed
+            if len(results) == len(sites):
+                raise _AllSitesDone
 
     try:
-        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ")
+        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ", after=after)
     except _AllSitesDone:
         pass  # stopping here spares the rest of the graph, e.g. the LM head's batch x tokens x vocab logits
     finally:
-        for path, weight in originals.items():
+        for path, weight in originals.values():
             set_tensor(gm, path, weight)
     return results
 

@@ -14,8 +14,11 @@ Metrics (computed on the calibration batches before anything is removed):
   squared error of the model's first output, ``||y' - y||^2 / ||y||^2`` (no language-model
   loss exists for an encoder).
 
-The ``count`` (or ``floor(fraction * units)``) lowest-scoring units are removed by a residual
-bypass: uses of the unit's output are replaced by its input and the dead nodes and tensors
+Schedule: one-shot (default) scores every unit once and removes the ``count`` (or
+``floor(fraction * units)``) lowest; ``iterative=True`` removes one unit at a time and scores
+the rest again with the removed ones already bypassed (SLEB, Song et al. 2024: units that are
+redundant alone are often not redundant together). Iterative costs ``count`` scoring rounds.
+Removal is a residual bypass: uses of the unit's output are replaced by its input and the dead nodes and tensors
 are deleted. Pre-norm sublayers and whole blocks are exact bypasses (``h + f(h) -> h``). A
 post-norm sublayer (BERT: ``LN(h + f(h))``) has no exact residual bypass: rarefy maps its
 output to ``h``, dropping the LayerNorm with it, and the report says so. FX dialect.
@@ -127,58 +130,58 @@ def _common_prefix(names: list[str]) -> str:
 
 # -- scoring (compute) --------------------------------------------------------------------------------
 class _Probe(torch.fx.Interpreter):
-    """Runs the graph once, optionally bypassing one unit, and accumulates per-unit cosines."""
+    """Runs the graph once with some units bypassed, accumulating the others' token cosines."""
 
-    def __init__(self, gm, units: list[Unit], bypass: Unit | None = None):
+    def __init__(self, gm, units: list[Unit], bypassed: tuple[Unit, ...] = ()):
         super().__init__(gm, garbage_collect_values=True)
-        self.bypass = bypass
-        self.by_input = {u.input: u for u in units}
+        self.bypassed = {u.output: u.input for u in bypassed}  # output node -> the node it is replaced by
+        self.by_input: dict = {}
         self.by_output: dict = {}
         for u in units:
-            self.by_output.setdefault(u.output, []).append(u)
+            if u.output not in self.bypassed:
+                self.by_input.setdefault(u.input, []).append(u)
+                self.by_output.setdefault(u.output, []).append(u)
+        self.watched = set(self.by_input) | set(self.bypassed.values())
         self.saved: dict = {}
-        self.cos_sum: dict[str, float] = {u.name: 0.0 for u in units}
+        self.cos_sum: dict[str, float] = {u.name: 0.0 for units_ in self.by_output.values() for u in units_}
         self.tokens = 0
 
     def run_node(self, n):
-        if self.bypass is not None and n is self.bypass.output:
-            return self.saved.pop(n.name + ":in")
-        out = super().run_node(n)
-        if self.bypass is not None and n is self.bypass.input:
-            self.saved[self.bypass.output.name + ":in"] = out
-        if self.bypass is None:
-            if n in self.by_input:
-                self.saved[n] = out
-            for unit in self.by_output.get(n, []):
-                h_in = self.saved[unit.input].reshape(-1, out.shape[-1]).double()
-                h_out = out.reshape(-1, out.shape[-1]).double()
-                self.cos_sum[unit.name] += float(torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum())
-                self.tokens = h_out.shape[0]
+        out = self.saved[self.bypassed[n]] if n in self.bypassed else super().run_node(n)
+        if n in self.watched:
+            self.saved[n] = out
+        for unit in self.by_output.get(n, []):
+            h_in = self.saved[unit.input].reshape(-1, out.shape[-1]).double()
+            h_out = out.reshape(-1, out.shape[-1]).double()
+            self.cos_sum[unit.name] += float(torch.nn.functional.cosine_similarity(h_in, h_out, dim=-1).sum())
+            self.tokens = h_out.shape[0]
         return out
 
 
-def _run(graph, batch, units, bypass=None) -> tuple[list, _Probe]:
-    probe = _Probe(graph.fx, units, bypass)
+def _run(graph, batch, units, bypassed: tuple[Unit, ...] = ()) -> tuple[list, _Probe]:
+    probe = _Probe(graph.fx, units, bypassed)
     leaves = graph.signature.flatten(*split_inputs(batch))
     with torch.no_grad():
         out = probe.run(*leaves)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)], probe
 
 
-def cosine_scores(graph, units: list[Unit], batches: list) -> dict[str, float]:
-    """Block Influence ``1 - mean_token cos(h_in, h_out)`` of every unit."""
-    sums = {u.name: 0.0 for u in units}
+def cosine_scores(graph, units: list[Unit], batches: list, bypassed: tuple[Unit, ...] = ()) -> dict[str, float]:
+    """Block Influence ``1 - mean_token cos(h_in, h_out)`` of every unit not in ``bypassed``."""
+    sums: dict[str, float] = {}
     tokens = 0
     for batch in batches:
-        _, probe = _run(graph, batch, units)
-        for name in sums:
-            sums[name] += probe.cos_sum[name]
+        _, probe = _run(graph, batch, units, bypassed)
+        for name, value in probe.cos_sum.items():
+            sums[name] = sums.get(name, 0.0) + value
         tokens += probe.tokens
     return {name: 1 - s / tokens for name, s in sums.items()}
 
 
-def loss_scores(graph, units: list[Unit], batches: list, progress: bool) -> tuple[dict[str, float], str]:
-    """Loss increase with each unit bypassed alone, and what the loss is."""
+def loss_scores(graph, units: list[Unit], batches: list, progress: bool,
+                bypassed: tuple[Unit, ...] = ()) -> tuple[dict[str, float], str]:
+    """Loss increase over the intact model when each unit not in ``bypassed`` is bypassed
+    too, and what the loss is."""
     base = [_run(graph, b, units)[0] for b in batches]
     vocab = (graph.meta.get("config") or {}).get("vocab_size")
     lm = all(_is_lm(b, out, vocab) for b, out in zip(batches, base))
@@ -194,8 +197,9 @@ def loss_scores(graph, units: list[Unit], batches: list, progress: bool) -> tupl
 
     reference = loss(base)
     scores = {}
-    for unit in tqdm(units, desc="DropLayers: bypassing units", disable=not progress, leave=False):
-        scores[unit.name] = loss([_run(graph, b, units, unit)[0] for b in batches]) - reference
+    candidates = [u for u in units if u not in bypassed]
+    for unit in tqdm(candidates, desc="DropLayers: bypassing units", disable=not progress, leave=False):
+        scores[unit.name] = loss([_run(graph, b, units, (*bypassed, unit))[0] for b in batches]) - reference
     what = "mean next-token NLL increase (nats)" if lm else \
         "relative squared error of the first output (the model is not a causal LM)"
     return scores, what
@@ -250,7 +254,7 @@ class DropLayers(Pass):
     needs_calibration = True
 
     def __init__(self, count: int | None = None, fraction: float | None = None, unit: str = "block",
-                 metric: str = "cosine", *, targets=None, ignore=None, budget=None):
+                 metric: str = "cosine", iterative: bool = False, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
         if unit not in UNITS:
             raise UnsupportedError(f"DropLayers: unknown unit {unit!r}; choose one of {UNITS}")
@@ -262,7 +266,7 @@ class DropLayers(Pass):
             raise UnsupportedError(f"DropLayers: count must be a non-negative integer, got {count!r}")
         if fraction is not None and not 0 <= fraction < 1:
             raise UnsupportedError(f"DropLayers: fraction must be in [0, 1), got {fraction!r}")
-        self.count, self.fraction, self.unit, self.metric = count, fraction, unit, metric
+        self.count, self.fraction, self.unit, self.metric, self.iterative = count, fraction, unit, metric, iterative
 
     def plan(self, graph) -> tuple[list[Unit], int, list[str]]:
         """(candidate units, how many to drop, notes)."""
@@ -285,25 +289,42 @@ class DropLayers(Pass):
         units, count, notes = self.plan(graph)
         if count == 0:
             return PassResult(graph, False, {"dropped": 0, "scored": 0}, notes + ["count is 0: nothing to drop"])
-        if self.metric == "cosine":
-            scores, what = cosine_scores(graph, units, ctx.batches), "1 - cosine(input, output) (Block Influence)"
-        else:
-            scores, what = loss_scores(graph, units, ctx.batches, ctx.progress)
-        ranked = sorted(units, key=lambda u: scores[u.name])
-        dropped = sorted(ranked[:count], key=lambda u: u.index)
-        details = {u.name: {"score": scores[u.name], "rank": ranked.index(u) + 1, "dropped": u in dropped,
-                            "why": _why(scores[u.name], u in dropped, count, what)} for u in units}
-        details["metric"] = what
+        dropped: list[Unit] = []
+        scores: dict[str, float] = {}
+        rounds = count if self.iterative else 1
+        for _ in tqdm(range(rounds), desc="DropLayers: rounds", disable=not ctx.progress or rounds == 1, leave=False):
+            round_scores, what = self._scores(graph, units, ctx, tuple(dropped))
+            scores.update(round_scores)
+            remaining = sorted((u for u in units if u not in dropped), key=lambda u: scores[u.name])
+            dropped += remaining[:1] if self.iterative else remaining[:count]
+        order = dropped + sorted((u for u in units if u not in dropped), key=lambda u: scores[u.name])
+        details = {u.name: {"score": scores[u.name], "rank": order.index(u) + 1, "dropped": u in dropped,
+                            "why": _why(scores[u.name], u in dropped, count, what, self.iterative)} for u in units}
+        details["metric"] = what + (" (iterative: each unit scored with the previously dropped ones bypassed)"
+                                    if self.iterative else "")
+        dropped = sorted(dropped, key=lambda u: u.index)
         post_norm = [u.name for u in dropped if u.post_norm]
         if post_norm:
             notes.append(f"post-norm sublayers {post_norm}: no exact residual bypass exists; LN(h + f(h)) "
                          f"was replaced by h, removing the LayerNorm too")
-        notes.append(f"dropped {[u.name for u in dropped]}: the {count} lowest {what} of {len(units)} {self.unit} units")
+        how = (f"in {count} rounds, each the lowest {what} of the remaining" if self.iterative
+               else f"the {count} lowest {what} of")
+        notes.append(f"dropped {[u.name for u in dropped]}: {how} {len(units)} {self.unit} units")
         erased = bypass_units(graph, dropped)
         stats = {"dropped": len(dropped), "scored": len(units), "erased_nodes": erased}
         return PassResult(graph, True, stats, notes, details)
 
+    def _scores(self, graph, units: list[Unit], ctx, bypassed: tuple[Unit, ...]) -> tuple[dict[str, float], str]:
+        """Scores of the units not in ``bypassed`` (with those bypassed), and what they measure."""
+        if self.metric == "cosine":
+            return cosine_scores(graph, units, ctx.batches, bypassed), "1 - cosine(input, output) (Block Influence)"
+        return loss_scores(graph, units, ctx.batches, ctx.progress, bypassed)
 
-def _why(score: float, dropped: bool, count: int, what: str) -> str:
+
+def _why(score: float, dropped: bool, count: int, what: str, iterative: bool) -> str:
+    if iterative:
+        verdict = "dropped: lowest of the remaining units in its round" if dropped else \
+            f"kept: never the lowest in {count} rounds"
+        return f"{verdict}, {what} (score {score:.4g}, from the last round that scored it)"
     verdict = "dropped: among" if dropped else "kept: not among"
     return f"{verdict} the {count} lowest {what} (score {score:.4g})"

@@ -115,6 +115,35 @@ def test_ppl_metric_scores_every_unit_by_loss_increase():
     assert [dropped for _, dropped in scores] == [True, True, False, False]  # the two smallest go
 
 
+@pytest.mark.parametrize("metric", ["cosine", "ppl"])
+def test_iterative_drops_greedily_rescoring_after_each_removal(metric):
+    model = _llama()
+    g = rf.capture(model, _batch("llama"))
+    calibration = [_batch("llama") for _ in range(2)]
+    out = rf.optimize(g, [DropLayers(count=2, unit="attention", metric=metric, iterative=True)],
+                      calibration=calibration, progress=False)
+    details = out.report.rows[-1].details
+    dropped = [n for n, d in details.items() if isinstance(d, dict) and d["dropped"]]
+    # the greedy sequence, rebuilt by hand: the one-shot choice of one unit, then the one-shot
+    # choice of one more on the graph that already lacks it
+    first = rf.optimize(g, [DropLayers(count=1, unit="attention", metric=metric)],
+                        calibration=calibration, progress=False)
+    first_name = [n for n, d in first.report.rows[-1].details.items() if isinstance(d, dict) and d["dropped"]]
+    second = rf.optimize(first, [DropLayers(count=1, unit="attention", metric=metric)],
+                         calibration=calibration, progress=False)
+    second_name = [n for n, d in second.report.rows[-1].details.items() if isinstance(d, dict) and d["dropped"]]
+    assert sorted(dropped) == sorted(first_name + second_name)
+    assert "iterative" in details["metric"] and all("round" in d["why"] for d in details.values()
+                                                    if isinstance(d, dict))
+    x = _batch("llama", batch=2, seq=9)
+    torch.testing.assert_close(out(**x).logits, second(**x).logits, atol=1e-5, rtol=1e-5)
+    if metric == "cosine":  # the second round's scores are those of the graph without the first unit
+        rescored = second.report.rows[-1].details
+        for name, d in rescored.items():
+            if isinstance(d, dict) and not d["dropped"]:
+                assert d["score"] == pytest.approx(details[name]["score"], rel=1e-6)
+
+
 def test_bert_ppl_metric_says_it_uses_output_error():
     g = rf.capture(_bert(), _batch("bert"))
     out = rf.optimize(g, [DropLayers(count=1, unit="attention", metric="ppl")],
