@@ -125,19 +125,29 @@ def token_nll(
         for batch in batches:
             ids = batch["input_ids"]
             logits = _logits_of(model_or_callable(**batch))
-            if logits.shape[:2] != ids.shape or logits.dim() != 3:
-                raise ValueError(
-                    f"expected logits [B, S, V] for input_ids {tuple(ids.shape)}, got {tuple(logits.shape)}"
-                )
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids, dtype=torch.bool) if mask is None else torch.as_tensor(mask).bool()
-            keep = mask[:, :-1] & mask[:, 1:]
-            pred = logits[:, :-1].float()[keep]  # [N, V]
-            target = ids[:, 1:][keep].long()
-            nll = torch.logsumexp(pred, -1) - pred.gather(-1, target[:, None]).squeeze(-1)
+            nll = next_token_nll(logits, ids, batch.get("attention_mask"))
             total += float(nll.to(torch.float64).sum())
-            count += int(target.numel())
+            count += int(nll.numel())
     return total, count
+
+
+def is_lm_logits(ids, outputs: list, vocab: int | None) -> bool:
+    """Whether a graph's flat outputs start with logits over the vocabulary for every input
+    token ``ids [B, S]``: a causal LM's first output."""
+    return (ids is not None and bool(outputs) and outputs[0].dim() == 3 and outputs[0].shape[:2] == ids.shape
+            and outputs[0].shape[-1] == vocab)
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """Per-prediction NLL (nats, differentiable) of logits ``[B, S, V]`` for ``ids [B, S]``:
+    position ``t`` predicts token ``t + 1`` where both are real tokens under the mask."""
+    if logits.shape[:2] != ids.shape or logits.dim() != 3:
+        raise ValueError(f"expected logits [B, S, V] for input_ids {tuple(ids.shape)}, got {tuple(logits.shape)}")
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else torch.as_tensor(attention_mask).bool()
+    keep = mask[:, :-1] & mask[:, 1:]
+    pred = logits[:, :-1].float()[keep]  # [N, V]
+    target = ids[:, 1:][keep].long()
+    return torch.logsumexp(pred, -1) - pred.gather(-1, target[:, None]).squeeze(-1)
 
 
 def perplexity(model_or_callable: Callable[..., Any], batches: Iterable[Mapping[str, torch.Tensor]]) -> float:

@@ -64,14 +64,16 @@ Hook = Callable[[torch.fx.Node, list[tuple[tuple, dict]]], None]
 
 
 def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool = True,
-                 desc: str = "calibrating", after: Callable[[torch.fx.Node], None] | None = None
-                 ) -> list[list[torch.Tensor]]:
+                 desc: str = "calibrating", after: Callable[[torch.fx.Node], None] | None = None,
+                 until: Iterable[torch.fx.Node] | None = None) -> list[list[torch.Tensor]]:
     """Run ``graph`` (FX dialect) on every batch in lock step; returns flat outputs per batch.
 
     ``hook(node, per_batch_args)`` is called before each call_function node executes, with
     that node's (args, kwargs) for every batch; it may mutate module attributes (weights)
     the node reads: the node then runs with the new values. ``after(node)`` is called once
-    the node has run on every batch (e.g. to release a weight nothing else reads).
+    the node has run on every batch (e.g. to release a weight nothing else reads). With
+    ``until``, the run stops once all of those nodes have run (nothing downstream is computed,
+    e.g. an LM head's batch x tokens x vocabulary logits) and the outputs come back empty.
     """
     gm = graph.fx
     leaves = [graph.signature.flatten(*split_inputs(b)) for b in batches]
@@ -86,6 +88,7 @@ def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool 
     outputs: list[list[torch.Tensor]] = [[] for _ in batches]
     bar = tqdm(total=max(block_of.values(), default=-1) + 2, desc=desc, disable=not progress, leave=False)
     current_block = -1
+    pending = set(until) if until is not None else None
     with torch.no_grad():
         for i, node in enumerate(nodes):
             block = block_of.get(node)
@@ -105,6 +108,10 @@ def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool 
                 env[node] = [_execute(gm, node, a, k) for a, k in per_batch]
                 if after is not None and node.op == "call_function":
                     after(node)
+                if pending is not None:
+                    pending.discard(node)
+                    if not pending:
+                        break
             elif node.op == "output":
                 for b in range(len(batches)):
                     flat = pytree.tree_leaves(torch.fx.node.map_arg(node.args[0], lambda n: env[n][b]))
@@ -139,7 +146,7 @@ def linear_input_stats(graph, batches: list, linear_sites: list, stats: tuple[st
         for args, _ in per_batch:
             accumulate(acc, args[0], stats)
 
-    run_lockstep(graph, batches, hook, progress=progress, desc="calibration statistics")
+    run_lockstep(graph, batches, hook, progress=progress, desc="calibration statistics", until=by_node)
     return result
 
 

@@ -9,8 +9,15 @@ mean |x|) are protected by scaling them up before quantization and down in the a
 input, ``sum_l tr(dW_l H dW_l^T)`` with ``dW_l = W_l - Q(W_l diag(s)) diag(s)^-1`` and
 ``H = X^T X / n`` from calibration: exactly the mean squared output error, at the cost of one
 ``N x K x K`` product per candidate instead of a pass over the tokens (rows beyond
-``SEARCH_ROWS`` are subsampled, which keeps a 49k-row LM head cheap). AWQ's weight-clipping
-search is not implemented.
+``SEARCH_ROWS`` are subsampled, which keeps a 49k-row LM head cheap).
+
+Then AWQ's weight clipping (the reference's ``auto_clip``): for every row and group of the
+scaled weight, the grid range is shrunk by ``1 - i / CLIP_GRID * CLIP_MAX_SHRINK`` and the
+shrink with the smallest output error of that group, ``dw_g H_gg dw_g^T`` (``H`` of the scaled
+input, its diagonal block for the group), is kept. As in the reference, query and key
+projections are not clipped (their output error says little about the attention scores), and
+per-channel grids (``group_size=None``) are not clipped (a whole row's range is rarely set by
+one outlier, and the ``K x K`` block makes it costly).
 
 Where ``diag(s)^-1`` goes (a graph rewrite that keeps the graph exact before quantization):
 * folded into the op that produces the input, when the input feeds only these linears:
@@ -32,10 +39,13 @@ import torch
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
-from .quantize import WEIGHT_QUANTIZERS, dequantize_blocks, quantize_blocks
+from .gptq import to_blocks
+from .quantize import WEIGHT_QUANTIZERS, dequantize_blocks, group_scales, quantize_blocks, quantize_with
 
 GRID = 20  # alpha in {0, 1/20, ..., 19/20}, as in the reference implementation
 SEARCH_ROWS = 2048  # output rows per linear used to score a candidate scale
+CLIP_GRID, CLIP_MAX_SHRINK = 20, 0.5  # clip ranges 1, 0.975, ..., 0.525 of the group's (reference: n_grid=20, max_shrink=0.5)
+UNCLIPPED = ("q_proj", "k_proj", "query", "key", "Wqkv", "qkv")  # name parts the reference does not clip
 
 aten = torch.ops.aten
 
@@ -49,6 +59,7 @@ class ScaleGroup:
     scales: torch.Tensor | None = None
     alpha: float | None = None
     errors: dict[float, float] = field(default_factory=dict)  # alpha -> output error
+    grids: dict[str, tuple] = field(default_factory=dict)  # site name -> clipped (scales, zeros) per group
 
 
 class QuantizerResult(dict):
@@ -73,7 +84,6 @@ def search_scales(graph, groups: list[ScaleGroup], batches: list, bits: int, gro
     """Fill ``group.scales`` / ``alpha`` / ``errors`` from calibration, block by block."""
     gm = graph.fx
     first = {g.sites[0].nodes[0]: g for g in groups}
-    pending = [len(groups)]
 
     def hook(node, per_batch):
         group = first.get(node)
@@ -85,18 +95,13 @@ def search_scales(graph, groups: list[ScaleGroup], batches: list, bits: int, gro
         h = sum(x.T @ x for x in xs) / count
         weights = [get_tensor(gm, site.nodes[0].args[1].target).detach().float() for site in group.sites]
         _choose_alpha(group, weights, mean_abs, h, bits, group_size, symmetric)
-        pending[0] -= 1
-        if pending[0] == 0:
-            raise _AllGroupsDone
+        if group_size is not None:
+            scaled_h = h / group.scales[:, None] / group.scales[None, :]  # H of the input x / s
+            for site, w in zip(group.sites, weights):
+                if not any(part in site.name.split(".")[-1] for part in UNCLIPPED):
+                    group.grids[site.name] = clip_grid(w * group.scales, scaled_h, bits, group_size, symmetric)
 
-    try:
-        run_lockstep(graph, batches, hook, progress=progress, desc="AWQ scale search")
-    except _AllGroupsDone:
-        pass  # nothing after the last chosen linear matters to the search
-
-
-class _AllGroupsDone(Exception):
-    pass
+    run_lockstep(graph, batches, hook, progress=progress, desc="AWQ scale search", until=first)
 
 
 def _choose_alpha(group: ScaleGroup, weights, mean_abs, h, bits, group_size, symmetric) -> None:
@@ -116,6 +121,39 @@ def _choose_alpha(group: ScaleGroup, weights, mean_abs, h, bits, group_size, sym
         if best is None or error < best[0]:
             best = (error, alpha, s)
     _, group.alpha, group.scales = best
+
+
+def clip_grid(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Per-group scales / zeros [N, n_groups] of ``w [N, K]`` with each group's clipping range
+    chosen to minimise its output error ``dw_g H_gg dw_g^T``."""
+    n, k = w.shape
+    n_groups = -(-k // group_size)
+    pad = n_groups * group_size - k
+    padded = torch.nn.functional.pad(w, (0, pad)).reshape(n, n_groups, group_size)
+    valid = (torch.arange(n_groups * group_size) < k).reshape(n_groups, group_size)
+    h_blocks = torch.nn.functional.pad(h, (0, pad, 0, pad)).reshape(n_groups, group_size, n_groups, group_size)
+    h_blocks = torch.diagonal(h_blocks, dim1=0, dim2=2).permute(2, 0, 1)  # [n_groups, g, g]
+    best = None
+    for i in range(CLIP_GRID):
+        scales, zeros = group_scales(padded * (1 - i / CLIP_GRID * CLIP_MAX_SHRINK), valid, bits, symmetric)
+        dw = padded - (quantize_with(padded, scales, zeros, bits) - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
+        error = torch.einsum("ngi,gij,ngj->ng", dw, h_blocks, dw)
+        if best is None:
+            best = [error, scales, zeros]
+            continue
+        better = error < best[0]
+        best = [torch.where(better, error, best[0]), torch.where(better, scales, best[1]),
+                torch.where(better, zeros, best[2])]
+    return best[1], best[2]
+
+
+def quantize_on_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int):
+    """(codes, scales, zeros) of ``w [N, K]`` on given per-group grids, in ``quantize_blocks``' layout."""
+    n, k = w.shape
+    n_groups = scales.shape[1]
+    padded = torch.nn.functional.pad(w.detach().float(), (0, n_groups * group_size - k)).reshape(n, n_groups, -1)
+    codes = quantize_with(padded, scales, zeros, bits).reshape(n, -1)[:, :k]
+    return to_blocks(codes.to(torch.uint8), scales, zeros, group_size)
 
 
 def apply_scales(graph, groups: list[ScaleGroup]) -> list[str]:
@@ -214,9 +252,17 @@ def _awq_weights(p, graph, sites, ctx) -> QuantizerResult:
     groups = scale_groups(sites)
     search_scales(graph, groups, ctx.batches, p.bits, p.group_size, p.symmetric, progress=ctx.progress)
     notes = apply_scales(graph, groups)
-    weights = {site.name: p.quantize(get_tensor(graph.fx, site.nodes[0].args[1].target)) for site in sites}
-    details = {_names(g): {"alpha": g.alpha, "errors": {f"{a:.2f}": e for a, e in g.errors.items()}}
-               for g in groups}
+    grids = {name: grid for g in groups for name, grid in g.grids.items()}
+    weights = {}
+    for site in sites:
+        weight = get_tensor(graph.fx, site.nodes[0].args[1].target)
+        weights[site.name] = (quantize_on_grid(weight, *grids[site.name], p.bits, p.group_size)
+                              if site.name in grids else p.quantize(weight))
+    clipped = sum(name in grids for name in weights)
+    notes.append(f"AWQ weight clipping searched for {clipped} of {len(weights)} linears"
+                 + ("" if p.group_size else " (per-channel grid: not clipped)"))
+    details = {_names(g): {"alpha": g.alpha, "errors": {f"{a:.2f}": e for a, e in g.errors.items()},
+                           "clipped": sorted(g.grids)} for g in groups}
     return QuantizerResult(weights, notes, details)
 
 

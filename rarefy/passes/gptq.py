@@ -41,10 +41,6 @@ log = logging.getLogger(__name__)
 BLOCK_COLUMNS = 128  # lazy-update width (the reference implementation's default)
 
 
-class _AllSitesDone(Exception):
-    """Raised by the hook after the last chosen linear: nothing downstream matters to GPTQ."""
-
-
 def hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
     """``H = 2 X^T X / n`` over the rows of every input ``[..., K]`` (fp64 sums, fp32 result)."""
     k = inputs[0].shape[-1]
@@ -215,13 +211,9 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
     def after(node):
         if node in originals:
             set_tensor(gm, *originals.pop(node))  # the dequantized copy is no longer needed
-            if len(results) == len(sites):
-                raise _AllSitesDone
 
     try:
-        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ", after=after)
-    except _AllSitesDone:
-        pass  # stopping here spares the rest of the graph, e.g. the LM head's batch x tokens x vocab logits
+        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ", after=after, until=by_node)
     finally:
         for path, weight in originals.values():
             set_tensor(gm, path, weight)

@@ -33,7 +33,7 @@ import torch
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from ..eval.metrics import token_nll
+from ..eval.metrics import is_lm_logits, token_nll
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import drop_unused_attrs
 from ..ir.signature import split_inputs
@@ -184,7 +184,7 @@ def loss_scores(graph, units: list[Unit], batches: list, progress: bool,
     too, and what the loss is."""
     base = [_run(graph, b, units)[0] for b in batches]
     vocab = (graph.meta.get("config") or {}).get("vocab_size")
-    lm = all(_is_lm(b, out, vocab) for b, out in zip(batches, base))
+    lm = all(is_lm_logits(split_inputs(b)[1].get("input_ids"), out, vocab) for b, out in zip(batches, base))
 
     def loss(outputs_per_batch) -> float:
         if lm:
@@ -203,13 +203,6 @@ def loss_scores(graph, units: list[Unit], batches: list, progress: bool,
     what = "mean next-token NLL increase (nats)" if lm else \
         "relative squared error of the first output (the model is not a causal LM)"
     return scores, what
-
-
-def _is_lm(batch, outputs, vocab: int | None) -> bool:
-    """Logits over the vocabulary for every input token: a causal LM's first output."""
-    ids = split_inputs(batch)[1].get("input_ids")
-    return (ids is not None and bool(outputs) and outputs[0].dim() == 3 and outputs[0].shape[:2] == ids.shape
-            and outputs[0].shape[-1] == vocab)
 
 
 # -- rewrite (convert) -----------------------------------------------------------------------------------

@@ -2,11 +2,22 @@
 
 Follows the layer-wise bit-allocation line of work (Layer-Wise Quantization, Dumitru et al.
 2024; BAQ; EvoPress, Sieberling et al. 2024): layers differ in how much quantization error
-they tolerate, so spend bits where they buy the most. Sensitivity of linear ``l`` at ``b`` bits
-is the Hessian-weighted weight error ``tr(dW H dW^T)`` (the mean squared output error of that
-linear alone on calibration data, ``H = X^T X / n``, ``dW = W - RTN_b(W)``), divided by the mean
-squared norm of the residual stream entering its block: the relative perturbation that the
-error adds to the stream it ends up in (deeper streams are larger and tolerate more).
+they tolerate, so spend bits where they buy the most. The sensitivity of linear ``l`` at ``b``
+bits estimates the calibration-loss increase that quantizing it alone causes, to second order
+with the empirical Fisher (Gauss-Newton) of the loss at the linear's output, as in
+second-order allocation (HAWQ-V2, Dong et al. 2020) and Fisher-weighted quantization
+(SqueezeLLM, Kim et al. 2024)::
+
+    s_l(b) = sum_i g_i (dW H dW^T)_ii,   dW = W - RTN_b(W),   H = X^T X / n,
+    g_i    = E (dL/dy_i)^2   (mean squared loss gradient at output channel i, over tokens)
+
+``(dW H dW^T)_ii`` is the mean squared error of output channel ``i`` of the linear alone (its
+inputs ``X`` from a lock-step calibration run); ``g_i`` says how much the loss cares about an
+error there (one forward and backward pass per calibration batch). The gradient and the
+input are treated as independent, so the Fisher ``E[(g^T dW x)^2]`` factors into the two. The loss is the next-token NLL for a causal LM
+(first output: logits over the vocabulary), otherwise the sum of ``<y, r>`` over the floating
+outputs ``y`` with fixed random sign tensors ``r`` (then ``E g g^T = J J^T``: the squared
+change of the outputs).
 
 Allocation is exact: a multiple-choice knapsack, solved by dynamic programming over the
 parameter-weighted bit cost, minimises the summed sensitivity subject to
@@ -25,10 +36,14 @@ import math
 from functools import reduce
 
 import torch
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
 
+from ..eval.metrics import is_lm_logits, next_token_nll
 from ..ir.calibration import run_lockstep
 from ..ir.errors import PassError, UnsupportedError
 from ..ir.fx_utils import drop_unused_attrs, get_tensor
+from ..ir.signature import split_inputs
 from .base import Pass, PassResult
 from .gptq import hessian, run_gptq
 from .quantize import WEIGHT_BITS, QuantizeWeights, _rewrite_fx, dequantize_blocks, quantize_blocks
@@ -92,7 +107,7 @@ class MixedPrecision(Pass):
             details[site.name] = {"bits": b, "params": params[site.name],
                                   "sensitivity": {str(c): v for c, v in sensitivity[site.name].items()}}
             others = ", ".join(f"{c}b {v:.3g}" for c, v in sensitivity[site.name].items())
-            notes.append(f"{site.name}: {b} bits (output error / residual-stream energy at {others})")
+            notes.append(f"{site.name}: {b} bits (Fisher-weighted output error at {others})")
         drop_unused_attrs(graph.fx)
         group = self.group_size or max(s.info["in_features"] for s in chosen)
         overhead = (16 + (0 if self.symmetric else 4)) / group  # fp16-equivalent scale (+ zero point) per group
@@ -105,21 +120,16 @@ class MixedPrecision(Pass):
 
 def measure_sensitivity(graph, sites: list, batches: list, candidates, group_size, symmetric,
                         progress: bool = True) -> dict[str, dict[int, float]]:
-    """{site name: {bits: tr(dW H dW^T) / E||h||^2}} from one lock-step calibration run."""
+    """{site name: {bits: sum_i g_i (dW H dW^T)_ii}} (see the module docstring)."""
     gm = graph.fx
+    gradient = output_gradient_energy(graph, sites, batches, progress)
     by_node = {site.nodes[0]: site for site in sites}
-    streams = {b.info["hidden_input"] for b in graph.sites("block") if b.info.get("hidden_input") is not None}
-    stream_energy = [None]  # mean squared norm of the residual stream entering the current block
     hessians, result = {}, {}
     readers: dict = {}  # input node -> chosen linears still to measure that read it
     for site in sites:
         readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
 
     def hook(node, per_batch):
-        for i, arg in enumerate(node.args):
-            if arg in streams:
-                streams.discard(arg)
-                stream_energy[0] = _mean_sq_norm([args[i] for args, _ in per_batch])
         site = by_node.get(node)
         if site is None:
             return
@@ -127,23 +137,68 @@ def measure_sensitivity(graph, sites: list, batches: list, candidates, group_siz
         if source not in hessians:
             hessians[source] = hessian([args[0] for args, _ in per_batch]) / 2  # X^T X / n
         h = hessians[source]
-        energy = stream_energy[0] or _mean_sq_norm([args[0] for args, _ in per_batch])
         w = get_tensor(gm, site.tensors["weight"]).detach().float()
         result[site.name] = {}
         for b in candidates:
             dw = w - dequantize_blocks(*quantize_blocks(w, b, group_size, symmetric), w.shape[1])
-            result[site.name][b] = float(((dw @ h) * dw).sum()) / energy
+            result[site.name][b] = float(((dw @ h) * dw).sum(1).double() @ gradient[site.name])
         readers[source] -= 1
         if readers[source] == 0:
             del hessians[source]
 
-    run_lockstep(graph, batches, hook, progress=progress, desc="MixedPrecision sensitivity")
+    run_lockstep(graph, batches, hook, progress=progress, desc="MixedPrecision sensitivity", until=by_node)
     return result
 
 
-def _mean_sq_norm(tensors: list[torch.Tensor]) -> float:
-    rows = [t.detach().reshape(-1, t.shape[-1]).double() for t in tensors]
-    return float(sum((r * r).sum() for r in rows) / sum(r.shape[0] for r in rows))
+def output_gradient_energy(graph, sites: list, batches: list, progress: bool = True) -> dict[str, torch.Tensor]:
+    """{site name: E (dL/dy_i)^2 per output channel [N], fp64} at each linear's output ``y``
+    over the calibration tokens, from one forward and backward pass per batch (weights get
+    no gradients); zeros for a linear no output depends on."""
+    names = {site.nodes[0]: site.name for site in sites}
+    sums = {site.name: torch.zeros(site.info["out_features"], dtype=torch.float64) for site in sites}
+    counts = dict.fromkeys(names.values(), 0)
+    vocab = (graph.meta.get("config") or {}).get("vocab_size")
+    signs = torch.Generator().manual_seed(0)
+
+    def add(name, grad):
+        grad = grad.detach().reshape(-1, grad.shape[-1]).double()
+        sums[name] += grad.pow(2).sum(0)
+        counts[name] += grad.shape[0]
+
+    for batch in tqdm(batches, desc="MixedPrecision loss gradients", disable=not progress, leave=False):
+        args, kwargs = split_inputs(batch)
+        with torch.enable_grad():
+            outputs = _GradientTap(graph.fx, names, add).run(*graph.signature.flatten(args, kwargs))
+            outputs = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+            ids = kwargs.get("input_ids")
+            if is_lm_logits(ids, outputs, vocab):
+                loss = next_token_nll(outputs[0], ids, kwargs.get("attention_mask")).mean()
+            else:
+                loss = sum((y * (torch.randint(0, 2, y.shape, generator=signs) * 2 - 1).to(y.dtype)).sum()
+                           for y in outputs if y.is_floating_point() and y.requires_grad)
+            loss.backward()
+    return {name: sums[name] / max(counts[name], 1) for name in sums}
+
+
+class _GradientTap(torch.fx.Interpreter):
+    """Runs the graph with gradients flowing through activations only, and hooks the loss
+    gradient at the chosen nodes' outputs."""
+
+    def __init__(self, gm, names: dict, add):
+        super().__init__(gm, garbage_collect_values=True)
+        self.names, self.add = names, add
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return out
+        if n.op == "get_attr":
+            return out.detach()  # no weight gradients: only activations carry them
+        if not out.requires_grad:  # the first activations (embeddings, constants): leaves
+            out = out.detach().requires_grad_()
+        if n in self.names:
+            out.register_hook(lambda grad, name=self.names[n]: self.add(name, grad))
+        return out
 
 
 def allocate_bits(params: dict[str, int], sensitivity: dict[str, dict[int, float]], avg_bits: float) -> dict[str, int]:

@@ -193,7 +193,7 @@ def consumer_input_stats(graph, consumers: set[str], batches: list, progress: bo
             acc["sum_sq"] = acc["sum_sq"] + (x * x).sum(0)
             acc["count"] += x.shape[0]
 
-    run_lockstep(graph, batches, hook, progress=progress, desc="structured pruning statistics")
+    run_lockstep(graph, batches, hook, progress=progress, desc="structured pruning statistics", until=by_node)
     return stats
 
 

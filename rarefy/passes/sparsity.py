@@ -240,7 +240,7 @@ class Sparsify(Pass):
             pruned, masks[site.name] = sparsegpt_prune(weight, grams[source], self.sparsity, self.nm)
             set_tensor(graph.fx, site.tensors["weight"], pruned.to(weight.dtype))  # the node runs pruned
 
-        run_lockstep(graph, ctx.batches, hook, progress=ctx.progress, desc="SparseGPT")
+        run_lockstep(graph, ctx.batches, hook, progress=ctx.progress, desc="SparseGPT", until=by_node)
         return masks
 
 

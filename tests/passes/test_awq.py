@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import rarefy as rf
-from rarefy.passes.awq import ScaleGroup, _choose_alpha, apply_scales, scale_groups, search_scales
+from rarefy.passes.awq import (ScaleGroup, _choose_alpha, apply_scales, clip_grid, quantize_on_grid, scale_groups,
+                               search_scales)
+from rarefy.passes.quantize import dequantize_blocks, quantize_blocks
 
 from quant_models import ARCHS, assert_runs_in_onnxruntime, tiny
 
@@ -49,6 +51,26 @@ def test_awq_search_beats_plain_rounding_on_outlier_channels():
     _choose_alpha(group, [w], x.abs().mean(0), x.T @ x / x.shape[0], 4, 32, True)
     assert group.alpha > 0  # protecting the salient channels was worth it
     assert group.errors[group.alpha] < 0.8 * group.errors[0.0]  # alpha = 0 is plain RTN
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_clip_search_never_raises_a_groups_output_error(symmetric):
+    torch.manual_seed(0)
+    w = torch.randn(32, 96)
+    w[::4, 5] *= 12  # one outlier per group in a quarter of the rows: clipping it pays
+    x = torch.randn(512, 96) * torch.linspace(0.2, 2, 96)
+    h = x.T @ x / x.shape[0]
+    clipped = dequantize_blocks(*quantize_on_grid(w, *clip_grid(w, h, 3, 32, symmetric), 3, 32), 96)
+    plain = dequantize_blocks(*quantize_blocks(w, 3, 32, symmetric), 96)
+
+    def group_errors(q):  # [N, groups]: each group's output error alone, dw_g H_gg dw_g^T
+        dw = (w - q).reshape(32, 3, 32)
+        blocks = torch.stack([h[g * 32:(g + 1) * 32, g * 32:(g + 1) * 32] for g in range(3)])
+        return torch.einsum("ngi,gij,ngj->ng", dw, blocks, dw)
+
+    # shrink 1.0 is a candidate: no group gets worse; the outlier groups get better
+    assert (group_errors(clipped) <= group_errors(plain) * (1 + 1e-5) + 1e-7).all()
+    assert group_errors(clipped).sum() < 0.9 * group_errors(plain).sum()
 
 
 def test_awq_pass_on_three_architectures(arch, tmp_path):

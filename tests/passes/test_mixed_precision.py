@@ -91,3 +91,40 @@ def test_mixed_precision_bad_requests_fail_before_work():
     with pytest.raises(rf.UnsupportedError, match="larger than the input dimension"):
         rf.optimize(graph, [rf.passes.MixedPrecision(avg_bits=4, group_size=128)], calibration=calibration,
                     progress=False)
+
+
+def test_loss_gradient_energy_matches_autograd_on_the_original_model():
+    import transformers as tf
+
+    from quant_models import _COMMON, VOCAB
+    from rarefy.eval.metrics import next_token_nll
+    from rarefy.passes.mixed_precision import output_gradient_energy
+
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(tf.LlamaConfig(**_COMMON, num_key_value_heads=2)).eval()
+    batches = [{"input_ids": torch.randint(0, VOCAB, (2, 16))} for _ in range(2)]
+    graph = rf.capture(model, batches[0])
+    sites = graph.sites("linear")
+    energy = output_gradient_energy(graph, sites, batches, progress=False)
+    assert all(t.grad is None for t in [*graph.fx.parameters(), *graph.fx.buffers()])  # activations only
+    # reference: the same loss on the eager model, gradients caught at every nn.Linear output
+    sums, counts = {}, {}
+    modules = dict(model.named_modules())
+
+    def tap(name):
+        def forward_hook(module, inputs, output):
+            def grad_hook(grad):
+                rows = grad.reshape(-1, grad.shape[-1]).double()
+                sums[name] = sums.get(name, 0.0) + rows.pow(2).sum(0)
+                counts[name] = counts.get(name, 0) + rows.shape[0]
+            output.register_hook(grad_hook)
+        return forward_hook
+
+    handles = [modules[s.name].register_forward_hook(tap(s.name)) for s in sites]
+    for batch in batches:
+        next_token_nll(model(**batch).logits, batch["input_ids"]).mean().backward()
+    for handle in handles:
+        handle.remove()
+    assert set(energy) == set(sums) and all((v > 0).all() for v in energy.values())
+    for name, value in energy.items():
+        torch.testing.assert_close(value, sums[name] / counts[name], rtol=1e-4, atol=0)
