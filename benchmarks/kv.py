@@ -168,7 +168,7 @@ def quality(quick: bool, only: list[str] | None = None) -> dict:
             "rows": rows}
 
 
-def speed(quick: bool) -> dict:
+def speed(quick: bool, only: list[str] | None = None) -> dict:
     """Decode tokens/s at CONTEXT tokens of context: torch and ONNX Runtime, and HF generate."""
     torch.set_num_threads(THREADS)
     context = 256 if quick else 1024
@@ -182,6 +182,8 @@ def speed(quick: bool) -> dict:
     chosen = configs(context)
     if quick:
         chosen = [chosen[i] for i in QUICK_CONFIGS]
+    if only:  # the fp32 cache is always timed: every row is relative to it
+        chosen = chosen[:1] + [c for c in chosen[1:] if c[0].startswith(tuple(only))]
     rows, fp32_times = [], {backend: [] for backend in compiled}
     for name, passes in chosen[1:]:
         graph = rf.optimize(step, passes, progress=False, verify=False)
@@ -276,8 +278,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="256-token context, 4 configs (smoke run)")
     parser.add_argument("--part", choices=("quality", "speed", "all"), default="all",
                         help="quality (no timings) / speed (timed: run under flock) / both")
-    parser.add_argument("--only", help="comma-separated config-name prefixes for the quality part (the rows "
-                                       "are merged into the results file, so runs can split the configs)")
+    parser.add_argument("--only", help="comma-separated config-name prefixes (the quality rows are merged into "
+                                       "the results file, so runs can split the configs)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     RESULTS.mkdir(exist_ok=True)
@@ -286,7 +288,7 @@ def main() -> None:
     if args.part in ("quality", "all"):
         parts["quality"] = quality(args.quick, args.only.split(",") if args.only else None)
     if args.part in ("speed", "all"):
-        parts["speed"] = speed(args.quick)
+        parts["speed"] = speed(args.quick, args.only.split(",") if args.only else None)
     with open("/tmp/rarefy-kv-results.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent --only runs merge their rows one at a time
         _merge_and_write(path, parts, args.quick)
