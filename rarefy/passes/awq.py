@@ -15,7 +15,9 @@ Then AWQ's weight clipping (the reference's ``auto_clip``): for every row and gr
 scaled weight, the grid range is shrunk by ``1 - i / CLIP_GRID * CLIP_MAX_SHRINK`` and the
 shrink with the smallest output error of that group, ``dw_g H_gg dw_g^T`` (``H`` of the scaled
 input, its diagonal block for the group), is kept. As in the reference, query and key
-projections are not clipped (their output error says little about the attention scores), and
+projections are not clipped (their output error says little about the attention scores), a
+grid follows its rows when a later fold rescales them (``down_proj``'s ``1/s`` into
+``up_proj``), and
 per-channel grids (``group_size=None``) are not clipped (a whole row's range is rarely set by
 one outlier, and the ``K x K`` block makes it costly).
 
@@ -160,12 +162,20 @@ def apply_scales(graph, groups: list[ScaleGroup]) -> list[str]:
     """Rewrite ``W -> W diag(s)`` and put ``diag(s)^-1`` before it (folded or inserted); notes."""
     gm = graph.fx
     notes = []
+    clipped = {site.nodes[0]: (g.grids, site.name) for g in groups for site in g.sites if site.name in g.grids}
+
+    def rows_scaled(node, factor):  # a fold scaled a clipped linear's rows: its grid scales with them
+        if node in clipped:
+            grids, name = clipped[node]
+            scales, zeros = grids[name]
+            grids[name] = (scales * factor.to(scales.dtype)[:, None], zeros)
+
     for group in groups:
         if group.scales is None or group.alpha == 0:
             notes.append(f"{_names(group)}: AWQ alpha=0 (plain rounding was best); unscaled")
             continue
         s = group.scales
-        how = _try_fold(gm, group) or _insert_inverse(gm, group)
+        how = _try_fold(gm, group, rows_scaled) or _insert_inverse(gm, group)
         for site in group.sites:
             node = site.nodes[0]
             weight = get_tensor(gm, node.args[1].target)
@@ -174,8 +184,9 @@ def apply_scales(graph, groups: list[ScaleGroup]) -> list[str]:
     return notes
 
 
-def _try_fold(gm, group: ScaleGroup) -> str | None:
-    """Fold diag(s)^-1 into the op producing the input when that is exact; say where, or None."""
+def _try_fold(gm, group: ScaleGroup, rows_scaled) -> str | None:
+    """Fold diag(s)^-1 into the op producing the input when that is exact; say where, or None.
+    ``rows_scaled(linear_node, factor)`` is told when a linear's output rows are multiplied."""
     source, s = group.source, group.scales
     readers = {site.nodes[0] for site in group.sites}
     if set(source.users) != readers:
@@ -191,6 +202,7 @@ def _try_fold(gm, group: ScaleGroup) -> str | None:
         if factor is not None:  # act(gate) * up: scale up's output rows
             weight = get_tensor(gm, factor.args[1].target)
             _replace_attr_input(gm, factor, 1, f"{factor.args[1].target}.awq", weight / s.unsqueeze(1).to(weight.dtype))
+            rows_scaled(factor, 1 / s)
             bias = factor.args[2] if len(factor.args) > 2 else None
             if isinstance(bias, torch.fx.Node) and bias.op == "get_attr":
                 b = get_tensor(gm, bias.target)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import rarefy as rf
+from rarefy.ir.fx_utils import get_tensor
 from rarefy.passes.awq import (ScaleGroup, _choose_alpha, apply_scales, clip_grid, quantize_on_grid, scale_groups,
                                search_scales)
 from rarefy.passes.quantize import dequantize_blocks, quantize_blocks
@@ -40,6 +41,28 @@ def test_awq_scaling_is_exact_before_quantization(arch):
                 assert "explicit multiply" in note  # GQA, through attention: no exact fold
     if name == "bert":  # post-LayerNorm outputs also feed the residual: no exact fold, inverse inserted
         assert all("folded" not in n for n in notes)
+
+
+def test_clip_grids_follow_the_folds_into_other_linears():
+    """down_proj's 1/s folds into up_proj's rows after up_proj's grid was searched: the grid
+    must scale with the rows, or the clipped codes saturate."""
+    graph, calibration, _ = tiny("llama")
+    scaled = graph.copy()
+    groups = scale_groups(scaled.sites("linear"))
+    search_scales(scaled, groups, calibration, bits=4, group_size=16, symmetric=True, progress=False)
+    apply_scales(scaled, groups)
+    folded = [g for g in groups if g.alpha and "down_proj" in g.sites[0].name]
+    assert folded  # the case under test happened
+    for group in groups:
+        for site in group.sites:
+            if site.name not in group.grids:
+                continue
+            weight = get_tensor(scaled.fx, site.nodes[0].args[1].target)
+            scales, _ = group.grids[site.name]
+            extreme = weight.abs().reshape(weight.shape[0], -1, 16).amax(-1)
+            # the search shrinks a group's range to between 1 - 19/20 * 0.5 of it and all of it
+            assert (scales.abs() * 8 >= 0.52 * extreme).all(), site.name
+            assert (scales.abs() * 8 <= extreme * (1 + 1e-5)).all(), site.name
 
 
 def test_awq_search_beats_plain_rounding_on_outlier_channels():
