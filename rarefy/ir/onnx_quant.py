@@ -80,11 +80,9 @@ def w8a8_linear(b, x, w_t, w_scale, bias):
 def w8a8_tensor_linear(b, x, w_t, w_scale, bias):
     """``y = x @ dequant(w_t) + bias`` with ``x`` quantized per tensor (``DynamicQuantizeLinear``):
     one ``com.microsoft::DynamicQuantizeMatMul``, the fused op ONNX Runtime's own dynamic
-    quantizer ends up with; ``w_t`` int8 ``[K, N]``, ``w_scale`` per column ``[N]``. The bias
-    stays a separate ``Add``, as in ONNX Runtime's own pattern, so its graph optimizer can
-    fuse it onward (BiasGelu, SkipLayerNormalization)."""
-    y = b.op("DynamicQuantizeMatMul", x, w_t, w_scale, domain=MSFT_DOMAIN)
-    return b.op("Add", y, bias) if bias is not None else y
+    quantizer ends up with; ``w_t`` int8 ``[K, N]``, ``w_scale`` per column ``[N]``."""
+    extra = [None, bias] if bias is not None else []
+    return b.op("DynamicQuantizeMatMul", x, w_t, w_scale, *extra, domain=MSFT_DOMAIN)
 
 
 def matmul_nbits(b, x, qweight, scales_flat, zero_points_flat, bias, K: int, N: int, bits: int, block_size: int):
