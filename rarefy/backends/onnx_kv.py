@@ -3,9 +3,11 @@
 ``rarefy::cache_*``, ``kivi_*`` and ``evict_*`` (``rarefy/ir/ops.py``) have no single ONNX
 Runtime contrib operator; their references in ``rarefy/kernels/kv_cache.py`` are written
 without data-dependent control flow or shapes, so at export they are traced into standard
-ONNX operators (Gather, Where, TopK, BitShift, MatMul, Softmax, ...). The reference is the
-one source of truth: torch, ONNX Runtime and the Triton fallback run the same math, and the
-packed KIVI codes are dequantized with ONNX operators before the attention.
+ONNX operators (Gather, ScatterElements, Where, TopK, MatMul, Softmax, ...). The reference is
+the one source of truth: torch, ONNX Runtime and the Triton fallback run the same math. The
+packed KIVI codes enter the attention's products without being dequantized to a cache-sized
+tensor, and a KIVI write quantizes only the step's own tokens and the key groups they may
+complete, and copies them into the state with one scatter or gather per state tensor.
 """
 from __future__ import annotations
 

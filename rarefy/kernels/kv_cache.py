@@ -10,9 +10,10 @@ Conventions of one decode step of one layer (``T`` new tokens at positions
     k_new, v_new [B, H_kv, T, Dh]  keys (after RoPE, so a cached key never needs re-rotating) / values
     attention output [B, T, H_q, Dh] (Hugging Face's layout after attention)
 The new chunk attends to itself causally in full precision and to the *past* (positions
-< L0) through the cache, whatever its layout. Writes are gathers (``slot <- new token``
-where one exists, else unchanged), never scatters, so tokens that fall out of a window in
-the same chunk cannot race.
+< L0) through the cache, whatever its layout. Writes to a slot that several tokens of one
+chunk may map to (a ring, a key group, an eviction) are gathers (``slot <- new token`` where
+one exists, else unchanged), so tokens that fall out of a window in the same chunk cannot
+race; KIVI's per-position value slots are scattered (one position, one slot).
 
 Layouts:
 * dense: ``k, v [B, H_kv, C, Dh]``; slot = position.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from .kivi import _check_bits_group, _quantize_groups
+from .kivi import _check_bits_group
 
 __all__ = [
     "cache_attention", "cache_write", "kivi_attention", "kivi_write", "quantized_count", "evict_attention",
@@ -72,18 +73,50 @@ def write_slots(cache: torch.Tensor, new: torch.Tensor, source: torch.Tensor) ->
     return torch.where(keep, cache, picked)
 
 
+def gather_into(cache: torch.Tensor, new: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``write_slots`` over the S = ``len(source)`` equal slots of each head (``cache`` [B, H, ...]),
+    ``new`` [B, H * n, ...] holding n slots per head, as one gather from their concatenation: no
+    ``where`` over the state (ONNX Runtime's CPU Where has no fp16 kernel and casts around it), and
+    n shares a dim with the heads, so it is never a dim of its own (torch.export specialises a dim
+    that is 1 when traced, and the ONNX model would declare it static)."""
+    B, H, slots = cache.shape[0], cache.shape[1], source.shape[0]
+    both = torch.cat([cache.reshape(B, H * slots, -1), new.reshape(B, new.shape[1], -1).to(cache.dtype)], dim=1)
+    head = torch.arange(H, device=cache.device)[:, None]
+    index = torch.where(source >= 0, H * slots + head * (new.shape[1] // H) + source,
+                        head * slots + torch.arange(slots, device=cache.device))
+    return both.index_select(1, index.reshape(-1)).reshape(cache.shape)
+
+
+def scatter_positions(cache: torch.Tensor, new: torch.Tensor, cache_position: torch.Tensor) -> torch.Tensor:
+    """``cache[:, :, cache_position[t]] = new[:, :, t]`` (dim 2), one ScatterElements in ONNX: only the
+    chunk's slots are written. Positions past the cache are an error, not dropped."""
+    index = cache_position.view(1, 1, -1, *[1] * (new.dim() - 3)).expand(new.shape)
+    return cache.scatter(2, index, new.to(cache.dtype))
+
+
 def _start(cache_position: torch.Tensor) -> torch.Tensor:
     return cache_position[:1]
 
 
-# -- KIVI layouts with integer arithmetic only (ONNX Runtime has no uint8 BitwiseAnd) -----------
-def _pack(codes: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """``kivi.pack_codes``: LSB-first, 8 // bits codes per byte along ``dim``."""
-    per_byte = 8 // bits
-    c = codes.to(torch.int32).movedim(dim, -1)
-    c = c.reshape(*c.shape[:-1], c.shape[-1] // per_byte, per_byte)
-    weights = 2 ** (bits * torch.arange(per_byte, dtype=torch.int32, device=codes.device))
-    return (c * weights).sum(-1).to(torch.uint8).movedim(-1, dim)
+# -- KIVI layouts in fp32 arithmetic on exact small integers (ONNX Runtime has no uint8 BitwiseAnd) --
+def _quantize_pack(x: torch.Tensor, bits: int, dim: int, scale_dtype):
+    """``kivi._quantize_groups`` of the groups lying along ``dim``, packed LSB-first along ``dim``
+    (``kivi.pack_codes``): (uint8 codes, scale, zero), scale and zero keeping ``dim`` with size 1.
+
+    Same values as kivi.py in fewer ONNX operators: no transposes, and the codes are packed while
+    still fp32 (exact small integers), so no integer casts.
+    """
+    qmax, per_byte = 2 ** bits - 1, 8 // bits
+    xf = x.float()
+    mn = xf.amin(dim=dim, keepdim=True)
+    scale = ((xf.amax(dim=dim, keepdim=True) - mn) / qmax).to(scale_dtype)
+    zero = mn.to(scale_dtype)
+    s = scale.float()
+    # a constant group has scale 0: every code is 0 and x_hat = zero exactly
+    codes = torch.round((xf - zero.float()) / torch.where(s > 0, s, 1.0)).clamp(0, qmax)
+    weights = (2.0 ** (bits * torch.arange(per_byte, device=x.device))).view(per_byte, *[1] * (-1 - dim))
+    packed = (codes.unflatten(dim, (codes.shape[dim] // per_byte, per_byte)) * weights).sum(dim)
+    return packed.to(torch.uint8), scale, zero
 
 
 def _byte_floors(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
@@ -91,11 +124,12 @@ def _byte_floors(packed: torch.Tensor, bits: int) -> list[torch.Tensor]:
 
     Code j of a byte is ``u_j - 2**bits * u_{j+1}`` (``u_P = 0``), and that is linear, so a
     product with the codes is ``X(u_j) - 2**bits * X(u_{j+1})`` (:func:`_codes_of`): the codes
-    are never unpacked one by one. Cast, scale and floor are the cheapest unpack ONNX Runtime
-    runs (no uint8 BitwiseAnd; int32 Div/Mod is ~15x slower on CPU).
+    are never unpacked one by one. A cast, a scale and a truncating cast to int32 and back (the
+    floor of a value >= 0) are the cheapest unpack ONNX Runtime runs: its Floor is ~1.4x slower
+    than the two casts, there is no uint8 BitwiseAnd, and int32 Div/Mod is ~15x slower on CPU.
     """
     f = packed.to(torch.float32)
-    return [f] + [torch.floor(f * 2.0 ** (-bits * j)) for j in range(1, 8 // bits)]
+    return [f] + [(f * 2.0 ** (-bits * j)).to(torch.int32).to(torch.float32) for j in range(1, 8 // bits)]
 
 
 def _codes_of(floors: list[torch.Tensor], bits: int) -> list[torch.Tensor]:
@@ -111,27 +145,12 @@ def _unpack(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return codes.reshape(*p.shape[:-1], p.shape[-1] * (8 // bits)).movedim(-1, dim)
 
 
-def quantize_keys(k, bits: int, group_size: int, scale_dtype):
-    """Per-channel keys over groups of tokens; same layout and values as ``kivi.quantize_keys``."""
-    _check_bits_group(bits, group_size)
-    *lead, t, d = k.shape
-    groups = k.reshape(*lead, t // group_size, group_size, d).transpose(-1, -2)
-    codes, scale, zero = _quantize_groups(groups, bits, scale_dtype)
-    return _pack(codes.transpose(-1, -2).reshape(*lead, t, d), bits, -2), scale, zero
-
-
-def dequantize_keys(codes, scale, zero, bits: int, group_size: int, dtype):
-    *lead, rows, d = codes.shape
-    c = _unpack(codes, bits, -2).reshape(*lead, rows * 8 // bits // group_size, group_size, d)
-    return (c * scale.float()[..., None, :] + zero.float()[..., None, :]).reshape(*lead, -1, d).to(dtype)
-
-
 def quantize_values(v, bits: int, group_size: int, scale_dtype):
     """Per-token values over groups of channels; as ``kivi.quantize_values``."""
     _check_bits_group(bits, group_size)
     *lead, t, d = v.shape
-    codes, scale, zero = _quantize_groups(v.reshape(*lead, t, d // group_size, group_size), bits, scale_dtype)
-    return _pack(codes.reshape(*lead, t, d), bits, -1), scale, zero
+    codes, scale, zero = _quantize_pack(v.reshape(*lead, t, d // group_size, group_size), bits, -1, scale_dtype)
+    return codes.reshape(*lead, t, d * bits // 8), scale.squeeze(-1), zero.squeeze(-1)
 
 
 def dequantize_values(codes, scale, zero, bits: int, group_size: int, dtype):
@@ -174,7 +193,7 @@ def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, 
     The codes are never dequantized to a cache-sized tensor: with ``k = c s + z`` per key group
     and ``v = c s + z`` per value group, ``q.k = (q * s).c + q.z`` and ``p.v = (p * s).c + p.z``,
     so the scales fold into the (small) query and probabilities and each packed byte enters
-    the two products through :func:`_byte_floors` (a cast, a scale and a floor per code).
+    the two products through :func:`_byte_floors` (casts and a scale per code).
     """
     B, Hq, T, D = q.shape
     H, C, W = k_new.shape[1], v_codes.shape[2], k_ring.shape[2]
@@ -184,13 +203,14 @@ def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, 
     q0 = quantized_count(start, residual, G)
     qf = q.float().reshape(B, H, rows, D)
     # keys: [B, H, C/G groups, rows, D] query scaled per group (channels innermost: a cheap broadcast),
-    # then one product per code of a byte
-    q_scaled = (k_scale.float()[:, :, :, None] * qf[:, :, None]).transpose(-1, -2)
+    # then one product per code of a byte, tokens innermost so that the zero points' bias broadcasts
+    # along the last dim (ONNX Runtime's fast path: along a middle dim it took ~20% of this attention)
+    q_scaled = k_scale.float()[:, :, :, None] * qf[:, :, None]
     floors = _byte_floors(k_codes.reshape(B, H, C // G, G // per_byte, D), bits)
-    codes_q = _codes_of([torch.matmul(u, q_scaled) for u in floors], bits)  # per code [B, H, C/G, G/P, rows]
+    codes_q = _codes_of([torch.matmul(q_scaled, u.transpose(-1, -2)) for u in floors], bits)  # [B, H, C/G, rows, G/P]
     k_bias = torch.matmul(k_zero.float(), qf.transpose(-1, -2))  # [B, H, C/G, rows]
-    s_quant = (torch.stack(codes_q, dim=-2).reshape(B, H, C // G, G, rows) + k_bias[:, :, :, None])
-    s_quant = s_quant.reshape(B, H, C, rows).transpose(-1, -2)
+    s_quant = torch.stack(codes_q, dim=-1).reshape(B, H, C // G, rows, G) + k_bias[..., None]  # token = byte * P + code
+    s_quant = s_quant.transpose(2, 3).reshape(B, H, rows, C)
     s_ring = torch.matmul(qf, k_ring.float().transpose(-1, -2))
     s_new = torch.matmul(qf, k_new.float().transpose(-1, -2))
     scores = torch.cat([s_quant, s_ring, s_new], dim=-1) * scale  # [B, H, rows, C + W + T]
@@ -223,39 +243,40 @@ def kivi_attention(q, k_new, v_new, k_codes, k_scale, k_zero, v_codes, v_scale, 
 def kivi_write(k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, v_ring, k_new, v_new,
                cache_position, bits: int, group_size: int, residual: int):
     """Append the chunk: values quantized per token, both into the fp ring(s), whole key groups
-    that left the window quantized per channel. Returns the state tensors (7 without a value ring)."""
+    that left the window quantized per channel. Returns the state tensors (7 without a value ring).
+
+    Lowered to ONNX, a step quantizes only its own tokens and the key groups they may complete,
+    and writes them with one ScatterElements (value slots) or one Gather (rings, key groups) per
+    state tensor: nothing runs over the cache but those copies.
+    """
     G, T = group_size, k_new.shape[2]
     ring = k_ring.shape[2]
     start = _start(cache_position)
     end = start + T
     # values: per token, at slot = position
     vc, vs, vz = quantize_values(v_new, bits, G, scale_dtype=v_scale.dtype)
-    source = torch.arange(v_codes.shape[2], device=k_new.device) - start
-    source = torch.where(source < T, source, -1)
-    v_codes, v_scale, v_zero = (write_slots(v_codes, vc, source), write_slots(v_scale, vs, source),
-                                write_slots(v_zero, vz, source))
+    v_codes, v_scale, v_zero = (scatter_positions(v_codes, vc, cache_position),
+                                scatter_positions(v_scale, vs, cache_position),
+                                scatter_positions(v_zero, vz, cache_position))
     # key groups [Q(L0), Q(L)) are complete: read them from old ring + chunk, quantize, store
     q0, q1 = quantized_count(start, residual, G), quantized_count(end, residual, G)
-    n_groups = T // G + 1  # floor(x + T/G) - floor(x) <= T // G + 1
+    n_groups = (T + G - 1) // G  # floor(x + T/G) - floor(x) <= ceil(T/G)
     pos = q0 + torch.arange(n_groups * G, device=k_new.device)
     source_w = torch.where(pos < start, torch.remainder(pos, ring), ring + pos - start).clamp(0, ring + T - 1)
     window = torch.cat([k_ring.to(k_new.dtype), k_new], dim=2).index_select(2, source_w)
-    kc, ks, kz = quantize_keys(window, bits, G, scale_dtype=k_scale.dtype)
+    B, H, _, D = window.shape
+    groups = window.reshape(B, -1, D).unflatten(1, (-1, G))  # [B, H * n_groups, G, D]: no n_groups dim
+    kc, ks, kz = _quantize_pack(groups, bits, -2, k_scale.dtype)
     g = torch.arange(k_scale.shape[2], device=k_new.device)
     j = g - torch.div(q0, G, rounding_mode="floor")
     group_source = torch.where((j >= 0) & (j < n_groups) & (g * G < q1), j, -1)
-    k_scale, k_zero = write_slots(k_scale, ks, group_source), write_slots(k_zero, kz, group_source)
-    B, H, rows, D = k_codes.shape
-    per_group = G * bits // 8
-    k_codes = write_slots(k_codes.reshape(B, H, rows // per_group, per_group, D),
-                          kc.reshape(B, H, n_groups, per_group, D), group_source).reshape(B, H, rows, D)
-    # fp ring: the last W positions
+    k_codes, k_scale, k_zero = (gather_into(k_codes, kc, group_source), gather_into(k_scale, ks, group_source),
+                                gather_into(k_zero, kz, group_source))
+    # fp ring(s): the last W positions
     ring_pos = _ring_positions(end, ring, k_new.device)
     ring_source = torch.where(ring_pos >= start, ring_pos - start, -1)
-    k_ring = write_slots(k_ring, k_new, ring_source)
-    if v_ring is None:
-        return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring
-    return k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, k_ring, write_slots(v_ring, v_new, ring_source)
+    state = (k_codes, k_scale, k_zero, v_codes, v_scale, v_zero, gather_into(k_ring, k_new.flatten(1, 2), ring_source))
+    return state if v_ring is None else (*state, gather_into(v_ring, v_new.flatten(1, 2), ring_source))
 
 
 # -- eviction --------------------------------------------------------------------------------

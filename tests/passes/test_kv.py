@@ -166,3 +166,18 @@ def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
     torch.testing.assert_close(teacher_forced_logits(ort, ids, graph=small, prefill=9),
                                teacher_forced_logits(small, ids, prefill=9), atol=1e-4, rtol=0)
     assert torch.equal(rf.generate(small, ids[:, :4], 6, step=ort), rf.generate(small, ids[:, :4], 6))
+
+
+def test_kivi_group_sizes_may_differ_between_layers_of_one_onnxruntime_session():
+    # a write quantizes ceil(T / G) candidate key groups, a count that differs between these layers; it once
+    # came out of the export as a static 1 (its value at the traced T = 3), and ONNX Runtime shared
+    # one buffer between the layers: "Shape mismatch attempting to re-use buffer" on any chunk of > 7 tokens
+    passes = [CompressKV("quantize", bits=4, group_size=8, residual=0, targets="*layers.0.*"),
+              CompressKV("quantize", bits=4, group_size=16, residual=0, targets="*layers.1.*")]
+    small = rf.optimize(rf.capture_decoder(tiny_llama(), max_cache_len=32), passes, progress=False)
+    assert [(e["method"], e["group_size"]) for e in small.meta["kv_cache"]] == [("kivi4", 8), ("kivi4", 16)]
+    ort = rf.compile(small, "onnxruntime", optimize=False)
+    onnx.checker.check_model(ort.model_proto)
+    ids = torch.randint(0, 128, (2, 30), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(teacher_forced_logits(ort, ids, graph=small, prefill=9, chunk=4),
+                               teacher_forced_logits(small, ids, prefill=9, chunk=4), atol=1e-4, rtol=0)
