@@ -123,6 +123,9 @@ def _matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size)
 
 
 # -- export -------------------------------------------------------------------------------------
+KEPT_METADATA = ("pkg.torch.onnx.name_scopes",)  # read by rarefy.ir.onnx_sites
+
+
 def to_onnx_model(graph: Graph) -> onnx.ModelProto:
     """The ONNX model of a graph (FX: re-export and translate; ONNX: serialise)."""
     if graph.dialect == "onnx":
@@ -155,12 +158,16 @@ def to_onnx_model(graph: Graph) -> onnx.ModelProto:
 def _without_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Drop the exporter's per-node debug metadata (stack trace, FX node, class hierarchy:
     about 2 KB a node, 11 MB of a 3-bit SmolLM2 whose dequantize subgraphs are many small
-    nodes); the artifact keeps only what runs."""
+    nodes); only the module path (``KEPT_METADATA``), which finds the sites of a reloaded
+    ONNX file, stays."""
     graphs = [proto.graph, *(f for f in proto.functions)]
     while graphs:
         g = graphs.pop()
         for node in g.node:
+            kept = [(p.key, p.value) for p in node.metadata_props if p.key in KEPT_METADATA]
             del node.metadata_props[:]
+            for key, value in kept:
+                node.metadata_props.add(key=key, value=value)
             graphs += [a.g for a in node.attribute if a.HasField("g")] + [sub for a in node.attribute for sub in a.graphs]
     return proto
 

@@ -32,6 +32,7 @@ numbers are in the details and notes. Dialect: FX.
 """
 from __future__ import annotations
 
+import functools
 import math
 from functools import reduce
 
@@ -181,23 +182,27 @@ def output_gradient_energy(graph, sites: list, batches: list, progress: bool = T
 
 
 class _GradientTap(torch.fx.Interpreter):
-    """Runs the graph with gradients flowing through activations only, and hooks the loss
-    gradient at the chosen nodes' outputs."""
+    """Runs the graph with gradients flowing through activations only (values computed from
+    the inputs, never from weights alone), and hooks the loss gradient at the chosen nodes'
+    outputs."""
 
     def __init__(self, gm, names: dict, add):
         super().__init__(gm, garbage_collect_values=True)
         self.names, self.add = names, add
+        self.activations: set = set()  # nodes whose value depends on a graph input
 
     def run_node(self, n):
         out = super().run_node(n)
+        if n.op == "placeholder" or any(a in self.activations for a in n.all_input_nodes):
+            self.activations.add(n)
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return out
-        if n.op == "get_attr":
-            return out.detach()  # no weight gradients: only activations carry them
-        if not out.requires_grad:  # the first activations (embeddings, constants): leaves
+        if n not in self.activations:
+            return out.detach()  # weights and what is computed from them alone get no gradients
+        if not out.requires_grad:  # the first activations (the embedding lookup): leaves
             out = out.detach().requires_grad_()
-        if n in self.names:
-            out.register_hook(lambda grad, name=self.names[n]: self.add(name, grad))
+        if n in self.names:  # the hook must not reference the interpreter: a cycle through a tensor leaks
+            out.register_hook(functools.partial(self.add, self.names[n]))
         return out
 
 
