@@ -17,9 +17,8 @@ shrink with the smallest output error of that group, ``dw_g H_gg dw_g^T`` (``H``
 input, its diagonal block for the group), is kept. As in the reference, query and key
 projections are not clipped (their output error says little about the attention scores), a
 grid follows its rows when a later fold rescales them (``down_proj``'s ``1/s`` into
-``up_proj``), and
-per-channel grids (``group_size=None``) are not clipped (a whole row's range is rarely set by
-one outlier, and the ``K x K`` block makes it costly).
+``up_proj``), and per-channel grids (``group_size=None``) are not clipped (a whole row's range
+is rarely set by one outlier, and the ``K x K`` block makes it costly).
 
 Where ``diag(s)^-1`` goes (a graph rewrite that keeps the graph exact before quantization):
 * folded into the op that produces the input, when the input feeds only these linears:
@@ -42,7 +41,7 @@ from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor
 from .gptq import to_blocks
-from .quantize import WEIGHT_QUANTIZERS, dequantize_blocks, group_scales, quantize_blocks, quantize_with
+from .quantize import WEIGHT_QUANTIZERS, dequantize_blocks, quantize_blocks, quantize_with, search_clip
 
 GRID = 20  # alpha in {0, 1/20, ..., 19/20}, as in the reference implementation
 SEARCH_ROWS = 2048  # output rows per linear used to score a candidate scale
@@ -135,18 +134,9 @@ def clip_grid(w: torch.Tensor, h: torch.Tensor, bits: int, group_size: int, symm
     valid = (torch.arange(n_groups * group_size) < k).reshape(n_groups, group_size)
     h_blocks = torch.nn.functional.pad(h, (0, pad, 0, pad)).reshape(n_groups, group_size, n_groups, group_size)
     h_blocks = torch.diagonal(h_blocks, dim1=0, dim2=2).permute(2, 0, 1)  # [n_groups, g, g]
-    best = None
-    for i in range(CLIP_GRID):
-        scales, zeros = group_scales(padded * (1 - i / CLIP_GRID * CLIP_MAX_SHRINK), valid, bits, symmetric)
-        dw = padded - (quantize_with(padded, scales, zeros, bits) - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
-        error = torch.einsum("ngi,gij,ngj->ng", dw, h_blocks, dw)
-        if best is None:
-            best = [error, scales, zeros]
-            continue
-        better = error < best[0]
-        best = [torch.where(better, error, best[0]), torch.where(better, scales, best[1]),
-                torch.where(better, zeros, best[2])]
-    return best[1], best[2]
+    shrinks = [1 - i / CLIP_GRID * CLIP_MAX_SHRINK for i in range(CLIP_GRID)]
+    return search_clip(padded, valid, bits, symmetric, shrinks,
+                       lambda dw: torch.einsum("ngi,gij,ngj->ng", dw, h_blocks, dw))
 
 
 def quantize_on_grid(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int):

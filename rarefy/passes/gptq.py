@@ -34,7 +34,7 @@ import torch
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import get_tensor, set_tensor
-from .quantize import WEIGHT_QUANTIZERS, block_size_for, group_scales, quantize_with
+from .quantize import WEIGHT_QUANTIZERS, block_size_for, quantize_with, search_clip
 
 log = logging.getLogger(__name__)
 
@@ -131,21 +131,8 @@ def _grid(w: torch.Tensor, group: int, bits: int, symmetric: bool):
     n_groups = -(-k // group)
     padded = torch.nn.functional.pad(w, (0, n_groups * group - k)).reshape(n, n_groups, group)
     valid = (torch.arange(n_groups * group) < k).reshape(n_groups, group)
-    best_scales, best_zeros = group_scales(padded, valid, bits, symmetric)
-    best_err = _grid_error(padded, valid, best_scales, best_zeros, bits)
-    for i in range(1, 20):
-        scales, zeros = group_scales(padded * (1 - i / 100), valid, bits, symmetric)
-        err = _grid_error(padded, valid, scales, zeros, bits)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_scales = torch.where(better, scales, best_scales)
-        best_zeros = torch.where(better, zeros, best_zeros)
-    return best_scales, best_zeros
-
-
-def _grid_error(w, valid, scales, zeros, bits):
-    q = (quantize_with(w, scales, zeros, bits) - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
-    return ((w - q).abs().pow(2.4) * valid).sum(-1)
+    return search_clip(padded, valid, bits, symmetric, [1 - i / 100 for i in range(20)],
+                       lambda dw: (dw.abs().pow(2.4) * valid).sum(-1))
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:

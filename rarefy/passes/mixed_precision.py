@@ -14,8 +14,8 @@ second-order allocation (HAWQ-V2, Dong et al. 2020) and Fisher-weighted quantiza
 ``(dW H dW^T)_ii`` is the mean squared error of output channel ``i`` of the linear alone (its
 inputs ``X`` from a lock-step calibration run); ``g_i`` says how much the loss cares about an
 error there (one forward and backward pass per calibration batch). The gradient and the
-input are treated as independent, so the Fisher ``E[(g^T dW x)^2]`` factors into the two. The loss is the next-token NLL for a causal LM
-(first output: logits over the vocabulary), otherwise the sum of ``<y, r>`` over the floating
+input are treated as independent, so the Fisher ``E[(g^T dW x)^2]`` factors into the two.
+The loss is the next-token NLL for a causal LM (first output: logits over the vocabulary), otherwise the sum of ``<y, r>`` over the floating
 outputs ``y`` with fixed random sign tensors ``r`` (then ``E g g^T = J J^T``: the squared
 change of the outputs).
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import functools
 import math
-from functools import reduce
 
 import torch
 from torch.utils import _pytree as pytree
@@ -209,7 +208,7 @@ class _GradientTap(torch.fx.Interpreter):
 def allocate_bits(params: dict[str, int], sensitivity: dict[str, dict[int, float]], avg_bits: float) -> dict[str, int]:
     """Exact multiple-choice knapsack: min sum of sensitivities s.t. sum params*bits <= avg_bits*sum params."""
     names = list(params)
-    unit = reduce(math.gcd, params.values())
+    unit = functools.reduce(math.gcd, params.values())
     widest = max(max(sensitivity[n]) for n in names)
     total_units = sum(params.values()) // unit
     if total_units * widest > MAX_UNITS:  # coarsen: the DP stays small, the budget check below stays exact

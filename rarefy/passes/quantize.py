@@ -84,6 +84,24 @@ def quantize_with(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bi
     return codes.clamp(0, (1 << bits) - 1)
 
 
+def search_clip(w: torch.Tensor, valid: torch.Tensor, bits: int, symmetric: bool, shrinks, error):
+    """Per-group scales / zeros of ``w [..., G]`` from the range shrunk by the factor in
+    ``shrinks`` (the first 1.0: no clipping) whose rounding error ``error(w - q) [...]`` is
+    smallest, per group. GPTQ's and AWQ's clipping searches differ only in the factors and
+    the error."""
+    best = None
+    for shrink in shrinks:
+        scales, zeros = group_scales(w * shrink, valid, bits, symmetric)
+        q = (quantize_with(w, scales, zeros, bits) - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
+        candidate = (error(w - q), scales, zeros)
+        if best is None:
+            best = candidate
+            continue
+        better = candidate[0] < best[0]
+        best = tuple(torch.where(better, new, old) for new, old in zip(candidate, best))
+    return best[1], best[2]
+
+
 def dequantize_blocks(codes, scales, zeros, in_features: int) -> torch.Tensor:
     w = (codes - zeros.unsqueeze(-1)).float() * scales.unsqueeze(-1)
     return w.reshape(codes.shape[0], -1)[:, :in_features]
