@@ -10,8 +10,10 @@ same machine:
 * rarefy W8A8 (``QuantizeActivations``: per-token int8 activations, per-channel int8
   weights), with and without ``SmoothQuant`` before it, from the FX capture, and once more
   from the fp32 ONNX file (the ONNX-dialect in-place rewrite);
-* rarefy W8A8 with one activation scale per tensor (``granularity="tensor"``: ONNX Runtime's
-  fused ``DynamicQuantizeMatMul``, per-channel weights), with and without ``SmoothQuant``;
+* rarefy W8A8 with one activation scale per tensor (``granularity="tensor"``:
+  ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat``, which ONNX Runtime shares and fuses into
+  ``DynamicQuantizeMatMul`` as it does for its own files; per-channel weights), with and without
+  ``SmoothQuant``;
 * rarefy weight-only int4 (``QuantizeWeights(bits=4)``, MatMulNBits) with groups 32 and 64.
 
 Latency: median of several session runs, 2 intra-op threads, ORT graph optimisations on,

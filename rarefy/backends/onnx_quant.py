@@ -2,7 +2,8 @@
 
 ``rarefy::linear_w8a8`` becomes per-token ``Abs``/``ReduceMax``/``Round`` quantization
 plus one ``com.microsoft::MatMulIntegerToFloat`` (why this form: ``rarefy/ir/onnx_quant.py``);
-``rarefy::linear_w8a8_tensor`` becomes one ``com.microsoft::DynamicQuantizeMatMul``.
+``rarefy::linear_w8a8_tensor`` becomes ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat``, which
+ONNX Runtime shares among linears reading one tensor and fuses into ``DynamicQuantizeMatMul``.
 ``rarefy::matmul_nbits`` with 3 bits, which ONNX Runtime's MatMulNBits cannot run, becomes a
 dequantize subgraph over the packed bitstream plus ``MatMul``. The subgraphs are shared with
 the in-place rewrite of ONNX-dialect graphs.
@@ -26,24 +27,16 @@ contrib_schema(
     attributes=[],
 )
 
-contrib_schema(
-    "DynamicQuantizeMatMul",
-    inputs=[("A", "T1", False), ("B", "T2", False), ("b_scale", "T1", False), ("b_zero_point", "T2", True),
-            ("bias", "T1", True)],
-    outputs=[("Y", "T1")],
-    types=[("T1", ["tensor(float)"]), ("T2", ["tensor(int8)", "tensor(uint8)"])],
-    attributes=[],
-)
-
 
 class ScriptBuilder:
     """The onnx_quant builder interface over onnxscript (inside a torch.onnx translation)."""
 
     opset = 18
 
-    def op(self, op_type: str, *inputs, domain: str = "", **attributes):
+    def op(self, op_type: str, *inputs, domain: str = "", num_outputs: int = 1, **attributes):
         from onnxscript import opset18
 
+        # onnxscript returns a tuple for a multi-output op by itself; num_outputs is the tape's
         opset = msft_opset() if domain == MSFT_DOMAIN else opset18
         return getattr(opset, op_type)(*inputs, **attributes)
 

@@ -3,7 +3,8 @@
 The same builders serve the FX export (``backends/onnx_quant.py`` calls them inside
 ``torch.onnx`` custom translations, through onnxscript) and the in-place rewrite of
 ONNX-dialect graphs (``ir/onnx_sites.py`` calls them on an ``onnx_ir`` tape). A builder is
-anything with ``op(op_type, *inputs, domain="", **attributes) -> value``, ``const(array)``
+anything with ``op(op_type, *inputs, domain="", num_outputs=1, **attributes) -> value`` (a
+tuple of values when ``num_outputs > 1``), ``const(array)``
 and ``opset`` (the default-domain opset version): ``TapeBuilder`` here, ``ScriptBuilder``
 in the backend.
 
@@ -21,8 +22,13 @@ in the backend.
   ``Round`` is half-to-even where the torch reference rounds half away from zero: codes
   differ only on exact ties.
 * ``w8a8_tensor_linear`` — W8A8 with one dynamic activation scale per tensor
-  (``QuantizeActivations(granularity="tensor")``): a single ``DynamicQuantizeMatMul``, the
-  speed of ONNX Runtime's own ``quantize_dynamic`` with per-channel weight scales.
+  (``QuantizeActivations(granularity="tensor")``): ``DynamicQuantizeLinear`` plus
+  ``com.microsoft::MatMulIntegerToFloat`` (bias inside), the form ONNX Runtime's own
+  ``quantize_dynamic`` produces. ONNX Runtime merges the identical ``DynamicQuantizeLinear``
+  nodes of linears reading one tensor (common-subexpression elimination, basic level: q/k/v
+  quantize their shared input once) and fuses each remaining single-reader pair into one
+  ``DynamicQuantizeMatMul``; emitting ``DynamicQuantizeMatMul`` directly quantized the shared
+  input once per linear (MiniLM, 1 core: q/k/v 12.4 ms a layer against 11.4 ms shared).
 * ``dequant_matmul`` — bit widths ONNX Runtime's MatMulNBits has no kernel for (3 bits):
   the packed LSB-first bitstream (``rarefy/ir/ops.py``) is read as byte values by
   ``DequantizeLinear`` (scale 1), unpacked with ``Gather`` / ``Div`` / ``Floor`` (exact in
@@ -49,8 +55,11 @@ class TapeBuilder:
         self.tape = ir.tape.Tape()
         self.opset = opset
 
-    def op(self, op_type: str, *inputs, domain: str = "", **attributes):
+    def op(self, op_type: str, *inputs, domain: str = "", num_outputs: int = 1, **attributes):
         attributes = {k: v for k, v in attributes.items() if v is not None}
+        if num_outputs > 1:
+            return self.tape.op_multi_out(op_type, list(inputs), attributes=attributes, domain=domain,
+                                          num_outputs=num_outputs)
         return self.tape.op(op_type, list(inputs), attributes=attributes, domain=domain)
 
     def const(self, array: np.ndarray):
@@ -78,11 +87,13 @@ def w8a8_linear(b, x, w_t, w_scale, bias):
 
 
 def w8a8_tensor_linear(b, x, w_t, w_scale, bias):
-    """``y = x @ dequant(w_t) + bias`` with ``x`` quantized per tensor (``DynamicQuantizeLinear``):
-    one ``com.microsoft::DynamicQuantizeMatMul``, the fused op ONNX Runtime's own dynamic
-    quantizer ends up with; ``w_t`` int8 ``[K, N]``, ``w_scale`` per column ``[N]``."""
+    """``y = x @ dequant(w_t) + bias`` with ``x`` quantized per tensor (``DynamicQuantizeLinear``)
+    and ``com.microsoft::MatMulIntegerToFloat``; ``w_t`` int8 ``[K, N]``, ``w_scale`` per column
+    ``[N]``. ONNX Runtime shares one quantization among the linears that read ``x`` and fuses a
+    lone pair into ``DynamicQuantizeMatMul`` (module docstring)."""
+    codes, scale, zero = b.op("DynamicQuantizeLinear", x, num_outputs=3)
     extra = [None, bias] if bias is not None else []
-    return b.op("DynamicQuantizeMatMul", x, w_t, w_scale, *extra, domain=MSFT_DOMAIN)
+    return b.op("MatMulIntegerToFloat", codes, w_t, scale, w_scale, zero, *extra, domain=MSFT_DOMAIN)
 
 
 def matmul_nbits(b, x, qweight, scales_flat, zero_points_flat, bias, K: int, N: int, bits: int, block_size: int):

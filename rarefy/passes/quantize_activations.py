@@ -11,9 +11,10 @@ variant) and LLM.int8()'s vector-wise quantization without its fp16 outlier spli
 
 ``granularity="tensor"`` instead quantizes the whole activation with one asymmetric uint8
 scale and zero point (ONNX ``DynamicQuantizeLinear``; ``rarefy::linear_w8a8_tensor``), which
-ONNX Runtime runs as one fused ``DynamicQuantizeMatMul`` -- the operator its own
-``quantize_dynamic`` produces, so the same speed -- at some accuracy cost on activations with
-outliers (run ``SmoothQuant`` first; ``benchmarks/quantize_minilm.py`` measures both).
+ONNX Runtime runs as its own ``quantize_dynamic`` graphs run: one quantization shared by the
+linears reading a tensor, ``DynamicQuantizeMatMul`` where a linear reads it alone -- at some
+accuracy cost on activations with outliers (run ``SmoothQuant`` first;
+``benchmarks/quantize_minilm.py`` measures both).
 
 Nothing is calibrated: the scales of activations are computed on the fly, so no
 calibration data is needed. Lowering: the Triton backend runs
