@@ -185,6 +185,24 @@ def _unpack(rows, idx, mask, BITS: tl.constexpr):
 
 
 @triton.jit
+def _unpack_tile(b, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 bytes ``[BLOCK_N, BLOCK_K * BITS / 8]`` of 8-, 4- or 2-bit codes -> codes ``[BLOCK_K, BLOCK_N]``.
+
+    ``tl.join`` puts its operands side by side on a new last axis, so joining the low and high
+    nibbles of each byte and flattening gives codes in bitstream order (for 2 bits, the inner
+    joins pair codes 0/2 and 1/3 so that the outer join interleaves them as 0, 1, 2, 3)."""
+    if BITS == 8:
+        codes = b
+    elif BITS == 4:
+        codes = tl.reshape(tl.join(b & 15, b >> 4), (BLOCK_N, BLOCK_K))
+    else:
+        lo = tl.join(b & 3, (b >> 4) & 3)
+        hi = tl.join((b >> 2) & 3, b >> 6)
+        codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+    return tl.trans(codes)
+
+
+@triton.jit
 def _dot(a, b, DOT: tl.constexpr):
     """fp32-accumulating dot in the operand type picked by the launcher."""
     if DOT == 1:
@@ -230,9 +248,17 @@ def _matmul_nbits_kernel(
     zp_rows = zp_ptr + n64 * ZP_ROW_BYTES
     # BLOCK_K * BITS is a whole number of bytes, so each code's byte offset
     # within a tile and its bit shift are the same in every tile
-    kbit = offs_k[:, None] * BITS
-    qw_ptrs = qw_ptr + n64 * QW_ROW_BYTES + kbit // 8  # [BLOCK_K, BLOCK_N]
-    shift = kbit % 8
+    if 8 % BITS == 0:
+        # whole codes per byte: load each row's tile bytes contiguously ([BLOCK_N, TILE_BYTES],
+        # vectorised) and unpack in registers
+        TILE_BYTES: tl.constexpr = BLOCK_K * BITS // 8
+        offs_b = tl.arange(0, TILE_BYTES)
+        qw_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None] * QW_ROW_BYTES + offs_b[None, :]
+        shift = offs_b  # unused on this path
+    else:
+        kbit = offs_k[:, None] * BITS
+        qw_ptrs = qw_ptr + n64 * QW_ROW_BYTES + kbit // 8  # [BLOCK_K, BLOCK_N]
+        shift = kbit % 8
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -240,7 +266,12 @@ def _matmul_nbits_kernel(
         # x tile; padding columns are 0, so padded codes contribute nothing
         a = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0.0)
         w_mask = k_mask[:, None] & n_mask[None, :]
-        codes = _extract(qw_ptrs, shift, w_mask, BITS)  # [BLOCK_K, BLOCK_N]
+        if 8 % BITS == 0:
+            # bytes past K inside the last block are padding codes: readable, and x is 0 there
+            b_mask = n_mask[:, None] & ((k0 * BITS // 8 + offs_b) < QW_ROW_BYTES)[None, :]
+            codes = _unpack_tile(tl.load(qw_ptrs, mask=b_mask, other=0).to(tl.int32), BITS, BLOCK_N, BLOCK_K)
+        else:
+            codes = _extract(qw_ptrs, shift, w_mask, BITS)  # [BLOCK_K, BLOCK_N]
         if BLOCK_K <= BLOCK_SIZE:
             # the tile is inside one block: sum_k x (c - z) s = s * sum_k x (c - z)
             blk = tl.zeros((1, BLOCK_N), dtype=tl.int32) + k0 // BLOCK_SIZE
@@ -271,8 +302,9 @@ def _matmul_nbits_kernel(
 
 def _gpu_configs():
     shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
-        (16, 64, 64, 4, 4), (16, 128, 64, 4, 4), (32, 64, 64, 4, 4), (32, 128, 64, 8, 3),
-        (64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (64, 256, 32, 8, 3),
+        (16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+        (32, 64, 128, 4, 4), (64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (64, 128, 128, 8, 3),
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 32, 8, 3), (64, 256, 32, 8, 3),
     ]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
