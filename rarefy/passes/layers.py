@@ -178,31 +178,41 @@ def cosine_scores(graph, units: list[Unit], batches: list, bypassed: tuple[Unit,
     return {name: 1 - s / tokens for name, s in sums.items()}
 
 
-def loss_scores(graph, units: list[Unit], batches: list, progress: bool,
-                bypassed: tuple[Unit, ...] = ()) -> tuple[dict[str, float], str]:
-    """Loss increase over the intact model when each unit not in ``bypassed`` is bypassed
-    too, and what the loss is."""
-    base = [_run(graph, b, units)[0] for b in batches]
-    vocab = (graph.meta.get("config") or {}).get("vocab_size")
-    lm = all(is_lm_logits(split_inputs(b)[1].get("input_ids"), out, vocab) for b, out in zip(batches, base))
+class IntactLoss:
+    """The intact model's outputs on the calibration batches and its loss, computed once and
+    shared by every scoring round."""
 
-    def loss(outputs_per_batch) -> float:
-        if lm:
+    def __init__(self, graph, units: list[Unit], batches: list):
+        self.batches = batches
+        self.outputs = [_run(graph, b, units)[0] for b in batches]
+        vocab = (graph.meta.get("config") or {}).get("vocab_size")
+        self.lm = all(is_lm_logits(split_inputs(b)[1].get("input_ids"), out, vocab)
+                      for b, out in zip(batches, self.outputs))
+        self.what = "mean next-token NLL increase (nats)" if self.lm else \
+            "relative squared error of the first output (the model is not a causal LM)"
+        self.value = self.loss(self.outputs)
+
+    def loss(self, outputs_per_batch) -> float:
+        """Next-token NLL of a causal LM's logits; otherwise the first output's relative squared
+        error against the intact model's."""
+        if self.lm:
             total, count = token_nll(lambda **kw: kw["_logits"], [
-                {**split_inputs(b)[1], "_logits": out[0]} for b, out in zip(batches, outputs_per_batch)])
+                {**split_inputs(b)[1], "_logits": out[0]} for b, out in zip(self.batches, outputs_per_batch)])
             return total / count
         errors = [float((o[0] - r[0]).double().pow(2).sum() / r[0].double().pow(2).sum().clamp_min(1e-30))
-                  for o, r in zip(outputs_per_batch, base)]
+                  for o, r in zip(outputs_per_batch, self.outputs)]
         return sum(errors) / len(errors)
 
-    reference = loss(base)
+
+def loss_scores(graph, units: list[Unit], intact: IntactLoss, progress: bool,
+                bypassed: tuple[Unit, ...] = ()) -> dict[str, float]:
+    """Loss increase over the intact model when each unit not in ``bypassed`` is bypassed too."""
     scores = {}
     candidates = [u for u in units if u not in bypassed]
     for unit in tqdm(candidates, desc="DropLayers: bypassing units", disable=not progress, leave=False):
-        scores[unit.name] = loss([_run(graph, b, units, (*bypassed, unit))[0] for b in batches]) - reference
-    what = "mean next-token NLL increase (nats)" if lm else \
-        "relative squared error of the first output (the model is not a causal LM)"
-    return scores, what
+        outputs = [_run(graph, b, units, (*bypassed, unit))[0] for b in intact.batches]
+        scores[unit.name] = intact.loss(outputs) - intact.value
+    return scores
 
 
 # -- rewrite (convert) -----------------------------------------------------------------------------------
@@ -285,8 +295,9 @@ class DropLayers(Pass):
         dropped: list[Unit] = []
         scores: dict[str, float] = {}
         rounds = count if self.iterative else 1
+        intact = IntactLoss(graph, units, ctx.batches) if self.metric == "ppl" else None
         for _ in tqdm(range(rounds), desc="DropLayers: rounds", disable=not ctx.progress or rounds == 1, leave=False):
-            round_scores, what = self._scores(graph, units, ctx, tuple(dropped))
+            round_scores, what = self._scores(graph, units, ctx, tuple(dropped), intact)
             scores.update(round_scores)
             remaining = sorted((u for u in units if u not in dropped), key=lambda u: scores[u.name])
             dropped += remaining[:1] if self.iterative else remaining[:count]
@@ -307,11 +318,12 @@ class DropLayers(Pass):
         stats = {"dropped": len(dropped), "scored": len(units), "erased_nodes": erased}
         return PassResult(graph, True, stats, notes, details)
 
-    def _scores(self, graph, units: list[Unit], ctx, bypassed: tuple[Unit, ...]) -> tuple[dict[str, float], str]:
+    def _scores(self, graph, units: list[Unit], ctx, bypassed: tuple[Unit, ...],
+                intact: IntactLoss | None) -> tuple[dict[str, float], str]:
         """Scores of the units not in ``bypassed`` (with those bypassed), and what they measure."""
-        if self.metric == "cosine":
+        if intact is None:
             return cosine_scores(graph, units, ctx.batches, bypassed), "1 - cosine(input, output) (Block Influence)"
-        return loss_scores(graph, units, ctx.batches, ctx.progress, bypassed)
+        return loss_scores(graph, units, intact, ctx.progress, bypassed), intact.what
 
 
 def _why(score: float, dropped: bool, count: int, what: str, iterative: bool) -> str:
