@@ -53,6 +53,33 @@ def hessian(inputs: list[torch.Tensor]) -> torch.Tensor:
     return (2.0 * total / max(count, 1)).float()
 
 
+class SharedHessians:
+    """The input Hessian of each chosen linear during a lockstep calibration run: computed at
+    the first linear that reads an input (q/k/v share one, gate/up share one) and dropped once
+    the last of them has used it, so at most one layer's Hessians are held at a time."""
+
+    def __init__(self, sites: list):
+        self.sites = {site.nodes[0]: site for site in sites}  # linear node -> its site
+        self._readers: dict = {}  # input node -> chosen linears that still have to read it
+        for site in sites:
+            self._readers[site.nodes[0].args[0]] = self._readers.get(site.nodes[0].args[0], 0) + 1
+        self._hessians: dict = {}
+
+    def of(self, node, per_batch) -> torch.Tensor:
+        """``2 X^T X / n`` of ``node``'s input over the batches' recorded calls."""
+        source = node.args[0]
+        if source not in self._hessians:
+            self._hessians[source] = hessian([args[0] for args, _ in per_batch])
+        return self._hessians[source]
+
+    def release(self, node) -> None:
+        """``node`` is done with its input's Hessian."""
+        source = node.args[0]
+        self._readers[source] -= 1
+        if self._readers[source] == 0:
+            del self._hessians[source]
+
+
 def gptq_quantize(weight: torch.Tensor, h: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                   damp: float = 0.01, act_order: bool = True, block_columns: int = BLOCK_COLUMNS):
     """GPTQ codes of ``weight [N, K]`` given its input Hessian ``h [K, K]``.
@@ -169,38 +196,29 @@ def run_gptq(graph, sites: list, batches: list, bits: dict[str, int], group_size
     if graph.dialect != "fx":
         raise UnsupportedError("method 'gptq' runs on FX-dialect graphs (capture the model with rf.capture)")
     gm = graph.fx
-    by_node = {site.nodes[0]: site for site in sites}
-    readers: dict = {}  # input node -> chosen linears still to quantize that read it
-    for site in sites:
-        readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
-    hessians: dict = {}
+    hessians = SharedHessians(sites)
     originals: dict[torch.fx.Node, tuple[str, torch.Tensor]] = {}  # node -> its weight before GPTQ
     results: dict = {}
 
     def hook(node, per_batch):
-        site = by_node.get(node)
+        site = hessians.sites.get(node)
         if site is None:
             return
-        source = node.args[0]
-        if source not in hessians:
-            hessians[source] = hessian([args[0] for args, _ in per_batch])
         path = site.tensors["weight"]
         weight = get_tensor(gm, path)
-        codes, scales, zeros, deq = gptq_quantize(weight, hessians[source], bits[site.name], group_size,
+        codes, scales, zeros, deq = gptq_quantize(weight, hessians.of(node, per_batch), bits[site.name], group_size,
                                                   symmetric, damp, act_order)
         results[site.name] = to_blocks(codes.to(torch.uint8), scales, zeros, group_size)
         originals[node] = (path, weight)
         set_tensor(gm, path, deq.to(weight.dtype))  # this node's outputs, and so later layers, see it quantized
-        readers[source] -= 1
-        if readers[source] == 0:
-            del hessians[source]
+        hessians.release(node)
 
     def after(node):
         if node in originals:
             set_tensor(gm, *originals.pop(node))  # the dequantized copy is no longer needed
 
     try:
-        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ", after=after, until=by_node)
+        run_lockstep(graph, batches, hook, progress=progress, desc="GPTQ", after=after, until=hessians.sites)
     finally:
         for path, weight in originals.values():
             set_tensor(gm, path, weight)

@@ -45,7 +45,7 @@ from ..ir.errors import PassError, UnsupportedError
 from ..ir.fx_utils import drop_unused_attrs, get_tensor
 from ..ir.signature import split_inputs
 from .base import Pass, PassResult
-from .gptq import hessian, run_gptq
+from .gptq import SharedHessians, run_gptq
 from .quantize import WEIGHT_BITS, QuantizeWeights, _rewrite_fx, dequantize_blocks, quantize_blocks
 
 BUDGET_SLACK = 0.05  # bits: the allowed distance between the achieved and the requested average
@@ -123,30 +123,21 @@ def measure_sensitivity(graph, sites: list, batches: list, candidates, group_siz
     """{site name: {bits: sum_i g_i (dW H dW^T)_ii}} (see the module docstring)."""
     gm = graph.fx
     gradient = output_gradient_energy(graph, sites, batches, progress)
-    by_node = {site.nodes[0]: site for site in sites}
-    hessians, result = {}, {}
-    readers: dict = {}  # input node -> chosen linears still to measure that read it
-    for site in sites:
-        readers[site.nodes[0].args[0]] = readers.get(site.nodes[0].args[0], 0) + 1
+    hessians, result = SharedHessians(sites), {}
 
     def hook(node, per_batch):
-        site = by_node.get(node)
+        site = hessians.sites.get(node)
         if site is None:
             return
-        source = node.args[0]
-        if source not in hessians:
-            hessians[source] = hessian([args[0] for args, _ in per_batch]) / 2  # X^T X / n
-        h = hessians[source]
+        h = hessians.of(node, per_batch) / 2  # X^T X / n
         w = get_tensor(gm, site.tensors["weight"]).detach().float()
         result[site.name] = {}
         for b in candidates:
             dw = w - dequantize_blocks(*quantize_blocks(w, b, group_size, symmetric), w.shape[1])
             result[site.name][b] = float(((dw @ h) * dw).sum(1).double() @ gradient[site.name])
-        readers[source] -= 1
-        if readers[source] == 0:
-            del hessians[source]
+        hessians.release(node)
 
-    run_lockstep(graph, batches, hook, progress=progress, desc="MixedPrecision sensitivity", until=by_node)
+    run_lockstep(graph, batches, hook, progress=progress, desc="MixedPrecision sensitivity", until=hessians.sites)
     return result
 
 
