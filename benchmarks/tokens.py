@@ -256,7 +256,8 @@ def main() -> None:
     if args.only_smollm2:
         result = json.loads((RESULTS / f"{name}.json").read_text())
         result["smollm2"] = smollm2(args.quick)
-        result["smollm2_note"] = f"SmolLM2 section run separately; load average at its end {os.getloadavg()[0]:.1f}"
+        result["smollm2_note"] = (f"SmolLM2 section run separately ({THREADS} thread(s), sessions timed in "
+                                  f"interleaved rounds); load average at its end {os.getloadavg()[0]:.1f}")
         (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
         (RESULTS / f"{name}.md").write_text(markdown(result))
         return
