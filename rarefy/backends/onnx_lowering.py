@@ -27,6 +27,7 @@ from onnx import defs
 from ..ir.errors import RarefyError, UnsupportedError
 from ..ir.graph import Graph, check_graph
 from ..ir.io import atomic_path, atomic_write_text
+from .onnx_cleanup import without_softmax_nan_guards
 
 log = logging.getLogger(__name__)
 # torch.onnx warns on every export that torchvision's ops cannot be registered; rarefy needs none
@@ -199,7 +200,8 @@ def to_onnx_model(graph: Graph) -> onnx.ModelProto:
         raise UnsupportedError(f"ONNX export of {graph.meta.get('source', 'graph')} failed: "
                                f"{type(exc).__name__}: {str(exc).splitlines()[0]}{hint}") from exc
     log.debug(sink.getvalue())
-    return _without_debug_metadata(program.model_proto)
+    proto, _ = without_softmax_nan_guards(_without_debug_metadata(program.model_proto))
+    return proto
 
 
 def _without_debug_metadata(proto: onnx.ModelProto) -> onnx.ModelProto:
