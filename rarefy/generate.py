@@ -53,4 +53,5 @@ def generate(graph: Graph, input_ids: torch.Tensor, max_new_tokens: int, backend
     for i in range(max_new_tokens - 1):
         out = step(tokens[-1][:, None], torch.tensor([prompt + i]), *out[1:])
         tokens.append(out[0][:, -1].argmax(-1))
-    return torch.cat([input_ids, torch.stack(tokens, dim=1).to(input_ids.dtype)], dim=1)
+    new = torch.stack(tokens, dim=1).to(device=input_ids.device, dtype=input_ids.dtype)  # a GPU step's are on the GPU
+    return torch.cat([input_ids, new], dim=1)

@@ -11,8 +11,10 @@ import copy
 import os
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ..ir.errors import UnsupportedError
+from ..ir.fx_utils import get_tensor, set_tensor
 from ..ir.graph import Graph
 from ..ir.ops import is_rarefy_op
 
@@ -49,17 +51,39 @@ def check_triton_available() -> None:
     )
 
 
+def _default_device() -> torch.device:
+    """The GPU when there is one and the kernels are not interpreted, else the CPU."""
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 class TritonModule:
-    """A compiled graph whose rarefy ops call Triton kernels."""
+    """A compiled graph whose rarefy ops call Triton kernels.
+
+    The graph's weights are copied to ``device`` (default: the GPU, or the CPU under the
+    interpreter); input tensors are moved there on each call and outputs stay there."""
 
     backend = "triton"
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, device: str | torch.device | None = None):
         if graph.dialect != "fx":
             raise UnsupportedError("the triton backend runs FX-dialect graphs (from rf.capture), not ONNX files")
         check_triton_available()
+        self.device = torch.device(device) if device is not None else _default_device()
+        if self.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UnsupportedError("the triton backend on the CPU needs TRITON_INTERPRET=1 set before rarefy.kernels "
+                                   f"is imported (device={self.device})")
         self.signature = graph.signature
-        self.module = copy.deepcopy(graph.fx)
+        self.module = copy.deepcopy(graph.fx).to(self.device)
+        for node in self.module.graph.nodes:
+            if node.op == "get_attr":  # constants that are neither parameters nor buffers
+                value = get_tensor(self.module, node.target)
+                if isinstance(value, torch.Tensor) and value.device != self.device:
+                    set_tensor(self.module, node.target, value.to(self.device))
+            # devices the capture recorded (aranges, mask casts, metadata asserts): this module's now
+            node.args, node.kwargs = torch.fx.node.map_aggregate(
+                (node.args, node.kwargs), lambda a: self.device if isinstance(a, torch.device) else a)
         self.kernels_used, self.fallbacks = [], []
         for node in self.module.graph.nodes:
             if node.op != "call_function" or not is_rarefy_op(node.target):
@@ -73,5 +97,6 @@ class TritonModule:
 
     def __call__(self, *args, **kwargs):
         self.signature.flatten(args, kwargs)  # same input checks as every backend
+        args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.to(self.device), (args, kwargs))
         with torch.no_grad():
             return self.module(*args, **kwargs)
