@@ -301,6 +301,12 @@ def _merge_and_write(path: Path, parts: dict, quick: bool) -> None:
         done.update({r["config"]: r for r in parts["quality"]["rows"]})
         order = [name for name, _ in configs(parts["quality"]["context"])]
         parts["quality"]["rows"] = sorted(done.values(), key=lambda r: order.index(r["config"]))
+    if "speed" in parts and "speed" in result and result["speed"]["context"] == parts["speed"]["context"]:
+        # each row's "vs fp32" was timed against the fp32 steps of its own run; the fp32 row is the latest run's
+        done = {r["config"]: r for r in result["speed"]["rows"]}
+        done.update({r["config"]: r for r in parts["speed"]["rows"]})
+        order = [name for name, _ in configs(parts["speed"]["context"])]
+        parts["speed"]["rows"] = sorted(done.values(), key=lambda r: order.index(r["config"]))
     if "quality" in parts:
         rows = parts["quality"]["rows"]
         base = next((r["perplexity"] for r in rows if r["config"].startswith("fp32")), None)
