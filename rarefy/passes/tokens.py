@@ -3,7 +3,8 @@
 Encoders (BERT-like, ViT) — Zero-TPrune (Wang et al., 2024) / EViT (Liang et al., ICLR 2022):
 after block ``after_layer`` (1-based: the first ``after_layer`` blocks run on every token),
 tokens are ranked by the attention they receive in that block — mean over heads and real
-queries (``score="attention"``, Zero-TPrune) or from the [CLS] query (``score="cls"``, EViT) —
+queries (``score="attention"``: one step of Zero-TPrune's weighted PageRank, from uniform query
+weights; the paper iterates it) or from the [CLS] query (``score="cls"``, EViT) —
 the top ``keep`` fraction is kept — padding never outranks a real token, the first ([CLS])
 token is always kept — and the remaining blocks run on the kept hidden states and the kept
 rows/columns of their attention mask.
