@@ -33,7 +33,9 @@ Kernel
 One program per ``(BLOCK_M, BLOCK_N)`` output tile, grouped in bands of
 ``GROUP_M`` tile-rows so neighbouring programs share weight tiles in L2. Codes
 are unpacked from the packed bytes in registers: the dense weight never exists
-in global memory. When a K tile lies inside one quantization block
+in global memory. 2-, 4- and 8-bit tiles are loaded as each row's contiguous bytes
+(vectorised) and split into codes with ``tl.join``; 3-bit codes, which straddle bytes,
+are gathered per code. When a K tile lies inside one quantization block
 (``BLOCK_K <= block_size``) the tile is one dot over the integer-valued
 ``code - zp`` and one scale per output column; otherwise scales and zero
 points are gathered per element. ``pack_bits`` / ``unpack_bits`` are the torch
@@ -254,7 +256,6 @@ def _matmul_nbits_kernel(
         TILE_BYTES: tl.constexpr = BLOCK_K * BITS // 8
         offs_b = tl.arange(0, TILE_BYTES)
         qw_ptrs = qw_ptr + offs_n.to(tl.int64)[:, None] * QW_ROW_BYTES + offs_b[None, :]
-        shift = offs_b  # unused on this path
     else:
         kbit = offs_k[:, None] * BITS
         qw_ptrs = qw_ptr + n64 * QW_ROW_BYTES + kbit // 8  # [BLOCK_K, BLOCK_N]
