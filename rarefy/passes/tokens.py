@@ -9,6 +9,12 @@ the top ``keep`` fraction is kept — padding never outranks a real token, the f
 token is always kept — and the remaining blocks run on the kept hidden states and the kept
 rows/columns of their attention mask.
 
+``lookahead=True`` ranks by the attention of the first shortened block instead (block
+``after_layer + 1``): its q/k (and mask) are computed once more on every token, before the
+pruning, so tokens are kept for the attention that will actually read them; the cost is that
+block's q/k projections on the pruned tokens. On all-MiniLM-L6-v2 it raises the embedding
+cosine at keep 0.5 after layer 2 (benchmarks/results/tokens.md).
+
 ``fuse=True`` adds EViT's inattentive-token fusion: the pruned real tokens become ONE extra
 token, their attention-weighted average, carried through the remaining blocks with its size
 (how many tokens it stands for) as in ``MergeTokens``: proportional attention (``+ log size``
@@ -189,6 +195,27 @@ def call(graph: torch.fx.Graph, target, *args):
     return graph.call_function(target, tuple(args))
 
 
+def _on_every_token(g: torch.fx.Graph, attention: dict, block) -> dict:
+    """``attention`` with its q, k and mask recomputed on every token: copies (at the graph's
+    insertion point) of the nodes of ``block`` they depend on, reading the unpruned values."""
+    inside, order, seen = set(block.nodes), [], set()
+
+    def visit(node) -> None:
+        if not isinstance(node, torch.fx.Node) or node in seen or node not in inside:
+            return
+        seen.add(node)
+        for arg in node.all_input_nodes:
+            visit(arg)
+        order.append(node)  # after its inputs: a topological order
+
+    for key in ("q", "k", "mask"):
+        visit(attention[key])
+    copies: dict = {}
+    for node in order:
+        copies[node] = g.node_copy(node, lambda arg: copies.get(arg, arg))
+    return {**attention, **{key: copies.get(attention[key], attention[key]) for key in ("q", "k", "mask")}}
+
+
 def nodes_after(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list:
     """Every call_function node after ``node`` in graph order (the model's head after its blocks)."""
     out, seen = [], False
@@ -202,11 +229,12 @@ def nodes_after(gm: torch.fx.GraphModule, node: torch.fx.Node) -> list:
 class PruneTokens(Pass):
     """Keep the tokens that receive the most attention after one block (Zero-TPrune, EViT, FastV)."""
 
-    def __init__(self, keep: float, after_layer: int, score: str = "attention", fuse: bool = False, *, targets=None,
-                 ignore=None, budget=None):
+    def __init__(self, keep: float, after_layer: int, score: str = "attention", fuse: bool = False,
+                 lookahead: bool = False, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        if not isinstance(fuse, bool):
-            raise PassError(f"PruneTokens: fuse must be True or False, got {fuse!r}")
+        for flag, value in (("fuse", fuse), ("lookahead", lookahead)):
+            if not isinstance(value, bool):
+                raise PassError(f"PruneTokens: {flag} must be True or False, got {value!r}")
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
             raise PassError(f"PruneTokens: keep must be a fraction in (0, 1], got {keep!r}")
         if isinstance(after_layer, bool) or not isinstance(after_layer, int) or after_layer < 1:
@@ -216,6 +244,7 @@ class PruneTokens(Pass):
             raise PassError(f"PruneTokens: score must be 'attention' (mean over real queries, Zero-TPrune) or 'cls' "
                             f"(attention from [CLS], EViT), got {score!r}")
         self.keep, self.after_layer, self.score, self.fuse = float(keep), after_layer, score, fuse
+        self.lookahead = lookahead
         fraction = Fraction(self.keep).limit_denominator(1000)
         self.num, self.den = fraction.numerator, fraction.denominator
 
@@ -241,12 +270,16 @@ class PruneTokens(Pass):
             return PassResult(graph, False, {"skipped_scoring_block": 1},
                               [f"{scorer.name}: {skipped[scorer.name]}; no tokens pruned"])
         gm, decoder = graph.fx, is_decoder(graph)
+        if self.lookahead:
+            scorer = shortened[0]
         attention = attention_call(scorer)
         head = nodes_after(gm, shortened[-1].info["outputs"][-1]) if decoder else []
         region = TokenRegion(gm, shortened, [n for n in head if n not in set(shortened[-1].nodes)])
         fuse, why_not = self._fusion(decoder, region)
         g, size = gm.graph, None
         with g.inserting_before(region.first_node()):
+            if self.lookahead:
+                attention = _on_every_token(g, attention, scorer)
             scored = call(g, torch.ops.rarefy.token_scores.default, attention["q"], attention["k"],
                           attention["mask"], attention["scale"], attention["is_causal"], decoder,
                           self.score == "cls")
@@ -285,7 +318,8 @@ class PruneTokens(Pass):
                  "rotary_tables_gathered": len(region.roles["rows"]), "outputs_restored": restored,
                  "static_lengths_replaced": literals, "fused_tokens": int(fuse), "size_masks_added": masks_added}
         notes = [f"scores: attention received in {scorer.name}, recomputed from the q/k of "
-                 f"{attention['node'].name} ({_SCORED[(decoder, self.score)]})",
+                 f"{attention['node'].name} ({_SCORED[(decoder, self.score)]})"
+                 + (" on every token, before the pruning (lookahead)" if self.lookahead else ""),
                  f"kept per row: ceil({self.keep} * S) tokens; "
                  + ("the last token always kept, logits for kept positions only" if decoder else
                     "[CLS] always kept, padding ranked last, outputs restored to full length"),

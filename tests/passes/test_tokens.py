@@ -14,7 +14,9 @@ from rarefy.eval.metrics import cosine
 from rarefy.ir.errors import PassError, UnsupportedError
 from rarefy.kernels import token_select
 from rarefy.models import mean_pool_embedding
+from rarefy.ir.signature import split_inputs
 from rarefy.passes import MergeTokens, PruneTokens
+from rarefy.passes.tokens import attention_call, token_blocks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tiny_models import build, example_inputs  # noqa: E402
@@ -36,6 +38,21 @@ def _ort_matches(graph, inputs, atol):
     for ours, theirs in zip(torch.utils._pytree.tree_leaves(graph(**inputs)),
                             torch.utils._pytree.tree_leaves(session(**inputs))):
         torch.testing.assert_close(theirs, ours, atol=atol, rtol=0)
+
+
+def _values(graph, inputs, wanted) -> dict:
+    """{node: value} of the graph's nodes that ``wanted`` picks, from one run on ``inputs``."""
+    values = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if wanted(node):
+                values[node] = out
+            return out
+
+    Recorder(graph.fx).run(*graph.signature.flatten(*split_inputs(inputs)))
+    return values
 
 
 # -- the ops' math against independent references ------------------------------------------------
@@ -168,6 +185,36 @@ def test_llama_prefill_prune_keeps_last_token_and_positions():
     _ort_matches(out.graph, other, atol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["bert", "vit", "llama"])
+def test_lookahead_scores_with_the_next_block_on_every_token(name):
+    graph, inputs = _capture(name)
+    exact = rf.optimize(graph, [PruneTokens(keep=1.0, after_layer=1, lookahead=True)], progress=False, verify=False)
+    for ref, got in zip(torch.utils._pytree.tree_leaves(graph(**inputs)), torch.utils._pytree.tree_leaves(exact(**inputs))):
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+    result = PruneTokens(keep=0.5, after_layer=1, lookahead=True)(graph.copy())
+    result.graph.fx.graph.lint()
+    assert result.details["scoring_block"] == result.details["shortened_blocks"][0]
+    if name == "bert":
+        # The kept set is what the next block's own attention, in the unpruned graph, ranks highest.
+        attention = attention_call(token_blocks(graph, "test")[1])
+        wanted = {attention[key] for key in ("q", "k", "mask")}
+        unpruned = _values(graph, inputs, lambda n: n in wanted)
+        scores, valid = token_select.attention_received(
+            unpruned[attention["q"]], unpruned[attention["k"]], unpruned.get(attention["mask"]), attention["scale"],
+            False, False)
+        expected = token_select.select_tokens(scores, valid, 1, 2, True, False)
+        kept = _values(result.graph, inputs, lambda n: n.target is torch.ops.rarefy.select_tokens.default)
+        assert torch.equal(next(iter(kept.values())), expected)
+    ref = _first(graph(**inputs))
+    got = _first(result.graph(**inputs))
+    if name == "llama":
+        assert got.shape[1] == math.ceil(ref.shape[1] / 2)  # logits for the kept positions only
+        _ort_matches(result.graph, example_inputs("llama", batch=1, seq=11), atol=1e-4)
+    else:
+        assert got.shape == ref.shape
+        _ort_matches(result.graph, inputs, atol=1e-4)
+
+
 def test_eager_and_fused_attention_captures_prune_the_same_tokens():
     from transformers import BertConfig, BertModel
 
@@ -237,7 +284,8 @@ def test_chained_merges_export_with_dynamic_length_and_match_onnx_runtime():
 # -- bad requests: clear errors before any work -----------------------------------------------------------
 @pytest.mark.parametrize("kwargs", [{"keep": 0.0, "after_layer": 1}, {"keep": 1.5, "after_layer": 1},
                                     {"keep": 0.5, "after_layer": 0}, {"keep": 0.5, "after_layer": 1, "score": "x"},
-                                    {"keep": 0.5, "after_layer": 1, "fuse": "yes"}])
+                                    {"keep": 0.5, "after_layer": 1, "fuse": "yes"},
+                                    {"keep": 0.5, "after_layer": 1, "lookahead": 1}])
 def test_bad_prune_arguments(kwargs):
     with pytest.raises(PassError):
         PruneTokens(**kwargs)
