@@ -294,19 +294,21 @@ def main() -> None:
         _merge_and_write(path, parts, args.quick)
 
 
+def _merge_rows(earlier: dict, part: dict) -> None:
+    """``part``'s rows plus the configs only ``earlier`` has (split ``--only`` runs), in config order."""
+    done = {r["config"]: r for r in earlier["rows"]}
+    done.update({r["config"]: r for r in part["rows"]})
+    order = [name for name, _ in configs(part["context"])]
+    part["rows"] = sorted(done.values(), key=lambda r: order.index(r["config"]))
+
+
 def _merge_and_write(path: Path, parts: dict, quick: bool) -> None:
     result = json.loads(path.read_text()) if path.exists() else {}  # keep the other part of an earlier run
     if "quality" in parts and "quality" in result:
-        done = {r["config"]: r for r in result["quality"]["rows"]}
-        done.update({r["config"]: r for r in parts["quality"]["rows"]})
-        order = [name for name, _ in configs(parts["quality"]["context"])]
-        parts["quality"]["rows"] = sorted(done.values(), key=lambda r: order.index(r["config"]))
+        _merge_rows(result["quality"], parts["quality"])
     if "speed" in parts and "speed" in result and result["speed"]["context"] == parts["speed"]["context"]:
         # each row's "vs fp32" was timed against the fp32 steps of its own run; the fp32 row is the latest run's
-        done = {r["config"]: r for r in result["speed"]["rows"]}
-        done.update({r["config"]: r for r in parts["speed"]["rows"]})
-        order = [name for name, _ in configs(parts["speed"]["context"])]
-        parts["speed"]["rows"] = sorted(done.values(), key=lambda r: order.index(r["config"]))
+        _merge_rows(result["speed"], parts["speed"])
     if "quality" in parts:
         rows = parts["quality"]["rows"]
         base = next((r["perplexity"] for r in rows if r["config"].startswith("fp32")), None)

@@ -36,7 +36,8 @@ class ScriptBuilder:
     def op(self, op_type: str, *inputs, domain: str = "", num_outputs: int = 1, **attributes):
         from onnxscript import opset18
 
-        # onnxscript returns a tuple for a multi-output op by itself; num_outputs is the tape's
+        # num_outputs is part of the builder interface for TapeBuilder; onnxscript returns the
+        # tuple of a multi-output op by itself
         opset = msft_opset() if domain == MSFT_DOMAIN else opset18
         return getattr(opset, op_type)(*inputs, **attributes)
 

@@ -19,9 +19,10 @@ Schedule: one-shot (default) scores every unit once and removes the ``count`` (o
 the rest again with the removed ones already bypassed (SLEB, Song et al. 2024: units that are
 redundant alone are often not redundant together). Iterative costs ``count`` scoring rounds.
 Removal is a residual bypass: uses of the unit's output are replaced by its input and the dead
-nodes and tensors are deleted. Pre-norm sublayers and whole blocks are exact bypasses (``h + f(h) -> h``). A
-post-norm sublayer (BERT: ``LN(h + f(h))``) has no exact residual bypass: rarefy maps its
-output to ``h``, dropping the LayerNorm with it, and the report says so. FX dialect.
+nodes and tensors are deleted. Pre-norm sublayers and whole blocks are exact bypasses
+(``h + f(h) -> h``). A post-norm sublayer (BERT: ``LN(h + f(h))``) has no exact residual
+bypass: rarefy maps its output to ``h``, dropping the LayerNorm with it, and the report says
+so. FX dialect.
 """
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ second-order allocation (HAWQ-V2, Dong et al. 2020) and Fisher-weighted quantiza
 inputs ``X`` from a lock-step calibration run); ``g_i`` says how much the loss cares about an
 error there (one forward and backward pass per calibration batch). The gradient and the
 input are treated as independent, so the Fisher ``E[(g^T dW x)^2]`` factors into the two.
-The loss is the next-token NLL for a causal LM (first output: logits over the vocabulary), otherwise the sum of ``<y, r>`` over the floating
-outputs ``y`` with fixed random sign tensors ``r`` (then ``E g g^T = J J^T``: the squared
-change of the outputs).
+The loss is the next-token NLL for a causal LM (first output: logits over the vocabulary),
+otherwise the sum of ``<y, r>`` over the floating outputs ``y`` with fixed random sign
+tensors ``r`` (then ``E g g^T = J J^T``: the squared change of the outputs).
 
 Allocation is exact: a multiple-choice knapsack, solved by dynamic programming over the
 parameter-weighted bit cost, minimises the summed sensitivity subject to
