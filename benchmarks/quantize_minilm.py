@@ -14,14 +14,16 @@ same machine:
   ``DynamicQuantizeLinear`` + ``MatMulIntegerToFloat``, which ONNX Runtime shares and fuses into
   ``DynamicQuantizeMatMul`` as it does for its own files; per-channel weights), with and without
   ``SmoothQuant``;
+* rarefy W8A8 per-tensor after ``SplitOutliers`` (the MLP hidden units with outliers kept in an
+  fp32 side branch, exact), with and without ``SmoothQuant`` before it;
 * rarefy weight-only int4 (``QuantizeWeights(bits=4)``, MatMulNBits) with groups 32 and 64.
 
 Latency: median of several session runs, 2 intra-op threads, ORT graph optimisations on,
 the variants interleaved round by round so that load from other jobs on the shared 2-core
 machine hits them alike. Quality: cosine of the sentence embeddings (mean-pooled over the
 attention mask, L2-normalised) to ORT fp32's, on a batch of 128-token windows and on a batch
-of padded sentences, both from the KJV evaluation split; SmoothQuant is calibrated on the
-pydoc calibration split (different text). Size: bytes of the ONNX file.
+of padded sentences, both from the KJV evaluation split; SmoothQuant and SplitOutliers are
+calibrated on the pydoc calibration split (different text). Size: bytes of the ONNX file.
 
 Run ``flock /tmp/rarefy-bench.lock python benchmarks/quantize_minilm.py`` (``--quick`` for a
 smoke run). Writes ``benchmarks/results/quantize_minilm.json`` and ``.md``.
@@ -45,6 +47,7 @@ import torch
 import rarefy as rf
 from rarefy.eval.data import describe, sentence_batches, token_batches
 from rarefy.models import load_minilm, mean_pool_embedding
+from rarefy.passes.outliers import SplitOutliers
 from rarefy.passes.quantize import QuantizeWeights
 from rarefy.passes.quantize_activations import QuantizeActivations
 from rarefy.passes.smoothquant import SmoothQuant
@@ -101,6 +104,11 @@ def build_variants(workdir: Path, graph, loaded_fp32, calibration, evaluation) -
                                                  QuantizeActivations(granularity="tensor", ignore=IGNORE)],
         "rarefy SmoothQuant(0.8) + W8A8 per-tensor": [SmoothQuant(alpha=0.8, ignore=IGNORE),
                                                       QuantizeActivations(granularity="tensor", ignore=IGNORE)],
+        "rarefy SplitOutliers + W8A8 per-tensor": [SplitOutliers(ignore=IGNORE),
+                                                   QuantizeActivations(granularity="tensor", ignore=IGNORE)],
+        "rarefy SmoothQuant + SplitOutliers + W8A8 per-tensor": [
+            SmoothQuant(alpha=0.5, ignore=IGNORE), SplitOutliers(ignore=IGNORE),
+            QuantizeActivations(granularity="tensor", ignore=IGNORE)],
         "rarefy int4 g32": [QuantizeWeights(bits=4, group_size=32, ignore=IGNORE)],
         "rarefy int4 g64": [QuantizeWeights(bits=4, group_size=64, ignore=IGNORE)],
     }
@@ -119,6 +127,35 @@ def build_variants(workdir: Path, graph, loaded_fp32, calibration, evaluation) -
     return variants
 
 
+# Where per-tensor W8A8 loses its cosine: each linear family quantized alone (the others fp32).
+SITE_FAMILIES = {
+    "q/k/v projections (input: a LayerNorm output)": ["*.attention.self.*"],
+    "attention output projection (input: the attention context)": ["*.attention.output.dense"],
+    "FC1 (input: a LayerNorm output)": ["*.intermediate.dense"],
+    "FC2 (input: the GELU output)": [r"re:.*layer\.\d+\.output\.dense"],
+}
+
+
+def cosine_budget(workdir: Path, graph, reference: dict, quality_batches: dict) -> dict[str, dict]:
+    """Cosine to fp32 with per-tensor W8A8 on one linear family at a time (no timing).
+
+    The four losses add up to the whole per-tensor variant's; SmoothQuant can only reach the
+    families whose input comes from a norm or the value projection, not FC2 behind the GELU.
+    """
+    out = {}
+    for family, targets in SITE_FAMILIES.items():
+        passes = [QuantizeActivations(granularity="tensor", targets=targets)]
+        quantized = rf.optimize(graph, passes, verify=False, progress=False)
+        path = rf.export_onnx(quantized, workdir / f"budget_{len(out)}.onnx")
+        sess = session(path)
+        cosine = {k: round(float(torch.nn.functional.cosine_similarity(reference[k], embeddings(sess, b)).mean()), 5)
+                  for k, b in quality_batches.items()}
+        out[family] = {"targets": targets, "cosine": cosine,
+                       "linears": quantized.report.row("QuantizeActivations").stats["w8a8_linear"]}
+        del sess
+    return out
+
+
 def reuse_variants(workdir: Path) -> dict[str, dict]:
     """The variants' files from an earlier run's work directory (``--reuse``), not rebuilt."""
     files = {"ORT fp32": "fp32.onnx", "ORT quantize_dynamic default": "ort_dynamic_default.onnx",
@@ -127,12 +164,16 @@ def reuse_variants(workdir: Path) -> dict[str, dict]:
              "rarefy W8A8 per-tensor": "rarefy_W8A8_per-tensor.onnx",
              "rarefy SmoothQuant + W8A8 per-tensor": "rarefy_SmoothQuant__W8A8_per-tensor.onnx",
              "rarefy SmoothQuant(0.8) + W8A8 per-tensor": "rarefy_SmoothQuant(0.8)__W8A8_per-tensor.onnx",
+             "rarefy SplitOutliers + W8A8 per-tensor": "rarefy_SplitOutliers__W8A8_per-tensor.onnx",
+             "rarefy SmoothQuant + SplitOutliers + W8A8 per-tensor":
+                 "rarefy_SmoothQuant__SplitOutliers__W8A8_per-tensor.onnx",
              "rarefy int4 g64": "rarefy_int4_g64.onnx", "rarefy W8A8 (ONNX file in place)": "rarefy_w8a8_from_onnx.onnx"}
     return {name: {"path": workdir / f, "tool": "onnxruntime" if name.startswith("ORT") else "rarefy",
                    "recipe": "built by an earlier run of this script (--reuse)"} for name, f in files.items()}
 
 
-def measure(variants: dict, timing_batch: dict, quality_batches: dict, runs: int) -> None:
+def measure(variants: dict, timing_batch: dict, quality_batches: dict, runs: int) -> dict:
+    """Cosine, file size and interleaved latency of every variant; returns fp32's embeddings."""
     sessions = {name: session(v["path"]) for name, v in variants.items()}
     reference = {k: embeddings(sessions["ORT fp32"], b) for k, b in quality_batches.items()}
     for name, sess in sessions.items():
@@ -152,6 +193,7 @@ def measure(variants: dict, timing_batch: dict, quality_batches: dict, runs: int
         variants[name]["median_ms"] = round(statistics.median(ts), 1)
         variants[name]["runs_ms"] = [round(t, 1) for t in ts]
         variants[name]["speedup_vs_fp32"] = round(fp32_ms / statistics.median(ts), 2)
+    return reference
 
 
 def versions() -> dict:
@@ -179,7 +221,8 @@ def verdict(variants: dict) -> dict:
     out = {}
     for name in ("rarefy W8A8", "rarefy SmoothQuant + W8A8", "rarefy W8A8 (ONNX file in place)",
                  "rarefy W8A8 per-tensor", "rarefy SmoothQuant + W8A8 per-tensor",
-                 "rarefy SmoothQuant(0.8) + W8A8 per-tensor"):
+                 "rarefy SmoothQuant(0.8) + W8A8 per-tensor", "rarefy SplitOutliers + W8A8 per-tensor",
+                 "rarefy SmoothQuant + SplitOutliers + W8A8 per-tensor"):
         v = variants[name]
         fast = v["median_ms"] <= ort_default["median_ms"]
         close = min(v["cosine"].values()) >= TARGET_COSINE
@@ -195,7 +238,8 @@ def markdown(result: dict) -> str:
         "",
         f"Batch {result['batch']}, {THREADS} threads, median of {result['runs']} interleaved runs. "
         f"Machine: {result['machine']['cpu']} ({result['machine']['note']}).",
-        f"Calibration (SmoothQuant): {result['calibration_text']}. Evaluation: {result['evaluation_text']}.",
+        f"Calibration (SmoothQuant, SplitOutliers): {result['calibration_text']}. "
+        f"Evaluation: {result['evaluation_text']}.",
         "",
         "| variant | median ms | speed-up vs fp32 | cosine (windows) | cosine (sentences) | file MB |",
         "|---|---|---|---|---|---|",
@@ -209,6 +253,12 @@ def markdown(result: dict) -> str:
         state = "met" if v["met"] else "NOT met"
         lines.append(f"- {name}: {state} (latency {v['latency_ratio_to_ort_default']}x ORT default; "
                      f"cosine >= {TARGET_COSINE}: {v[f'cosine_at_least_{TARGET_COSINE}']})")
+    if result.get("cosine_budget"):
+        lines += ["", "Where per-tensor W8A8 loses its cosine: one linear family quantized at a time (the others "
+                      "fp32; no SmoothQuant).", "",
+                  "| linears quantized | count | cosine (windows) | cosine (sentences) |", "|---|---|---|---|"]
+        for family, v in result["cosine_budget"].items():
+            lines.append(f"| {family} | {v['linears']} | {v['cosine']['windows']} | {v['cosine']['sentences']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,17 +281,20 @@ def main() -> None:
         del model  # only the sessions are needed: keep memory low on the shared machine
         variants = reuse_variants(args.reuse)
         measure(variants, windows, {"windows": windows, "sentences": sentences}, runs)
-        return finish(args, variants, batch_size, seq_len, runs)
+        return finish(args, variants, None, batch_size, seq_len, runs)
     graph = rf.capture(model, windows)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         loaded = rf.load(rf.export_onnx(graph, workdir / "fp32.onnx"))
         variants = build_variants(workdir, graph, loaded, calibration, [sentences])
-        measure(variants, windows, {"windows": windows, "sentences": sentences}, runs)
-    finish(args, variants, batch_size, seq_len, runs)
+        quality = {"windows": windows, "sentences": sentences}
+        reference = measure(variants, windows, quality, runs)
+        log.info("per-family cosine budget")
+        budget = cosine_budget(workdir, graph, reference, quality)
+    finish(args, variants, budget, batch_size, seq_len, runs)
 
 
-def finish(args, variants: dict, batch_size: int, seq_len: int, runs: int) -> None:
+def finish(args, variants: dict, budget: dict | None, batch_size: int, seq_len: int, runs: int) -> None:
     for v in variants.values():
         v["path"] = v["path"].name
     result = {
@@ -250,7 +303,7 @@ def finish(args, variants: dict, batch_size: int, seq_len: int, runs: int) -> No
         "calibration_text": describe("pydoc", "calibration"), "evaluation_text": describe("kjv", "evaluation"),
         "quality_batches": {"windows": f"{batch_size} windows of {seq_len} tokens (the timed batch)",
                             "sentences": f"{batch_size} sentences padded to {seq_len}"},
-        "variants": variants, "targets": verdict(variants),
+        "variants": variants, "targets": verdict(variants), "cosine_budget": budget,
         "load_average_at_end": os.getloadavg(),
         "build": (f"files reused from an earlier run of this script (--reuse {args.reuse.name}) that built them and "
                   "was then killed (out of memory on the shared machine) before measuring") if args.reuse else "this run",

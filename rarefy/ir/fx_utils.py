@@ -80,3 +80,17 @@ def drop_unused_attrs(gm: torch.fx.GraphModule) -> int:
             del owner._buffers[attr]
         removed += 1
     return removed
+
+
+def resize_meta(node: torch.fx.Node, sizes: dict[int, int]) -> None:
+    """Give ``node.meta["val"]`` new sizes ``{dim: size}`` (same dtype, device and fake mode)."""
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return
+    shape = [sizes.get(d, s) for d, s in enumerate(val.shape)]
+    mode = getattr(val, "fake_mode", None)
+    if mode is None:
+        node.meta["val"] = val.new_empty(shape)
+        return
+    with mode:
+        node.meta["val"] = val.new_empty(shape)

@@ -27,6 +27,9 @@ import torch
 from .errors import UnsupportedError
 
 _BLOCK_PATH = re.compile(r"^(.*)\.(\d+)$")
+# node.meta key (and linear Site.info key) of a linear a pass keeps in full precision on purpose
+# (SplitOutliers' side branch); the quantization passes leave such linears alone
+KEEP_PRECISION = "rarefy_keep_precision"
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.I)
 _ROLE_PATTERNS = {
     "q": re.compile(r"(^|\.)(q_proj|query|q_lin|q)$"),
@@ -121,8 +124,10 @@ def _fx_linear_sites(graph) -> list[Site]:
             tensors["bias"] = bias.target
         shape = _attr_shape(gm, weight.target)
         name = module_path(node) or weight.target.rsplit(".", 1)[0]
-        sites.append(Site("linear", name, [node], tensors, {"weight": shape},
-                          {"in_features": shape[1], "out_features": shape[0]}))
+        info = {"in_features": shape[1], "out_features": shape[0]}
+        if node.meta.get(KEEP_PRECISION):
+            info[KEEP_PRECISION] = True
+        sites.append(Site("linear", name, [node], tensors, {"weight": shape}, info))
     return sites
 
 

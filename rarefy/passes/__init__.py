@@ -14,4 +14,5 @@ from .tokens_merge import MergeTokens  # noqa: E402
 from .prune import PruneChannels, PruneHeads  # noqa: E402
 from .kv import CompressKV  # noqa: E402
 from .smoothquant import SmoothQuant  # noqa: E402
+from .outliers import SplitOutliers  # noqa: E402
 from .quantize_activations import QuantizeActivations  # noqa: E402

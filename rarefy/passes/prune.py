@@ -37,7 +37,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
-from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor, set_tensor
+from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor, resize_meta, set_tensor
 from ..ir.onnx_structure import onnx_dependency_groups
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
 from .base import Pass, PassResult
@@ -287,7 +287,7 @@ def prune_group(gm, group: DependencyGroup, keep: list[int]) -> None:
             continue
         if node.op == "call_function" and node.target in SHAPE_ARG_OPS:
             _patch_shape_arg(node, new_sizes[node.name], group)
-        _resize_meta(node, new_sizes[node.name])
+        resize_meta(node, new_sizes[node.name])
 
 
 def _patch_shape_arg(node, sizes: dict[int, int], group: DependencyGroup) -> None:
@@ -303,16 +303,3 @@ def _patch_shape_arg(node, sizes: dict[int, int], group: DependencyGroup) -> Non
                 f"expression {entry}; only literal sizes or -1 can be rewritten"
             )
     node.args = (node.args[0], shape, *node.args[2:])
-
-
-def _resize_meta(node, sizes: dict[int, int]) -> None:
-    val = node.meta.get("val")
-    if not isinstance(val, torch.Tensor):
-        return
-    shape = [sizes.get(d, s) for d, s in enumerate(val.shape)]
-    mode = getattr(val, "fake_mode", None)
-    if mode is None:
-        node.meta["val"] = val.new_empty(shape)
-        return
-    with mode:
-        node.meta["val"] = val.new_empty(shape)

@@ -26,12 +26,24 @@ import torch
 
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor
+from ..ir.sites import KEEP_PRECISION
 from .base import Pass, PassResult
 
 WEIGHT_BITS = (2, 3, 4, 8)
 
 
 MAX_BLOCK = 256  # ONNX Runtime's CPU MatMulNBits takes blocks of 16..256
+
+
+def quantizable_sites(p: Pass, graph) -> tuple[list, dict[str, str]]:
+    """The linear sites a quantization pass ``p`` rewrites, and {skipped name: reason}: its
+    ``targets`` / ``ignore`` selection, less the linears a pass marked to keep in full precision."""
+    sites = graph.sites("linear")
+    names, skipped = p.select([s.name for s in sites])
+    kept = {s.name for s in sites if s.info.get(KEEP_PRECISION)}
+    skipped.update({n: "kept in full precision by SplitOutliers" for n in kept})
+    chosen = set(names) - kept
+    return [s for s in sites if s.name in chosen], skipped
 
 
 def block_size_for(group_size: int | None, in_features: int) -> int:
@@ -161,10 +173,7 @@ class QuantizeWeights(Pass):
                 )
 
     def _chosen_sites(self, graph):
-        sites = graph.sites("linear")
-        names, skipped = self.select([s.name for s in sites])
-        chosen = [s for s in sites if s.name in set(names)]
-        return chosen, skipped
+        return quantizable_sites(self, graph)
 
     def call(self, graph, ctx) -> PassResult:
         chosen, skipped = self._chosen_sites(graph)

@@ -13,8 +13,8 @@ variant) and LLM.int8()'s vector-wise quantization without its fp16 outlier spli
 scale and zero point (ONNX ``DynamicQuantizeLinear``; ``rarefy::linear_w8a8_tensor``), which
 ONNX Runtime runs as its own ``quantize_dynamic`` graphs run: one quantization shared by the
 linears reading a tensor, ``DynamicQuantizeMatMul`` where a linear reads it alone -- at some
-accuracy cost on activations with outliers (run ``SmoothQuant`` first;
-``benchmarks/quantize_minilm.py`` measures both).
+accuracy cost on activations with outliers (run ``SmoothQuant`` and ``SplitOutliers`` first;
+``benchmarks/quantize_minilm.py`` measures each).
 
 Nothing is calibrated: the scales of activations are computed on the fly, so no
 calibration data is needed. Lowering: the Triton backend runs
@@ -31,6 +31,7 @@ import torch
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor
 from .base import Pass, PassResult
+from .quantize import quantizable_sites
 
 ACTIVATION_BITS = (8,)
 GRANULARITIES = ("token", "tensor")
@@ -63,10 +64,7 @@ class QuantizeActivations(Pass):
         self.bits = bits
 
     def _chosen_sites(self, graph):
-        sites = graph.sites("linear")
-        names, skipped = self.select([s.name for s in sites])
-        chosen = set(names)
-        return [s for s in sites if s.name in chosen], skipped
+        return quantizable_sites(self, graph)
 
     def requires(self, graph, ctx) -> None:
         if not self._chosen_sites(graph)[0]:

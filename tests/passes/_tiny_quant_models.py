@@ -22,3 +22,16 @@ def first_output(out) -> torch.Tensor:
     if isinstance(out, torch.Tensor):  # an ONNX-dialect graph returns its outputs as tensors
         return out
     return out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
+
+
+def minilm_pydoc_kjv():
+    """all-MiniLM-L6-v2 captured, with 2 x 2 x 64 tokens of Python docs to calibrate on and
+    2 x 64 tokens of the Bible to evaluate on (different texts): ``(graph, calibration, evaluation)``."""
+    import rarefy as rf
+    from rarefy.eval.data import token_batches
+    from rarefy.models import load_minilm
+
+    model, tokenizer = load_minilm(attn_implementation="sdpa")
+    calibration = token_batches(tokenizer, "pydoc", "calibration", n_batches=2, batch_size=2, seq_len=64)
+    evaluation = token_batches(tokenizer, "kjv", "evaluation", n_batches=1, batch_size=2, seq_len=64)
+    return rf.capture(model, evaluation[0]), calibration, evaluation

@@ -9,7 +9,7 @@ from rarefy.ir.errors import PassError, RarefyError, UnsupportedError
 from rarefy.passes.quantize_activations import QuantizeActivations
 from rarefy.passes.smoothquant import SmoothQuant, smoothing_scales
 
-from _tiny_quant_models import batches, first_output, tiny  # noqa: E402  (sibling test helper)
+from _tiny_quant_models import batches, first_output, minilm_pydoc_kjv, tiny  # noqa: E402  (sibling test helper)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "opt"])
@@ -77,13 +77,7 @@ def test_skips_have_reasons():
 
 @pytest.mark.real
 def test_minilm_smoothquant_is_exact_on_real_text():
-    from rarefy.eval.data import token_batches
-    from rarefy.models import load_minilm
-
-    model, tokenizer = load_minilm(attn_implementation="sdpa")
-    calibration = token_batches(tokenizer, "pydoc", "calibration", n_batches=2, batch_size=2, seq_len=64)
-    evaluation = token_batches(tokenizer, "kjv", "evaluation", n_batches=1, batch_size=2, seq_len=64)
-    graph = rf.capture(model, evaluation[0])
+    graph, calibration, evaluation = minilm_pydoc_kjv()
     # the pipeline raises VerificationError if the rewrite moves outputs beyond SmoothQuant.tolerance
     out = rf.optimize(graph, [SmoothQuant()], calibration=calibration, evaluation=evaluation, progress=False)
     row = out.report.rows[-1]
