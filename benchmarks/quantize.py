@@ -215,14 +215,14 @@ def markdown(result: dict) -> str:
     lines = [f"# SmolLM2-135M weight quantization{' (quick)' if result['quick'] else ''}", "",
              f"Calibration: {result['calibration']}. Evaluation: {result['evaluation']}.",
              f"Machine: {result['machine']}; {result.get('latency', '')}; load average (1 min) when each row "
-             "finished in the last column.",
+             "finished, and the torch / ONNX Runtime threads it ran with (- : not recorded), in the last columns.",
              "ppl: perplexity through the rarefy graph (torch reference); ORT ppl: through the ONNX Runtime "
              "artifact. The artifact is built and timed once per grid (its RTN row): the operators, bytes and "
              "speed depend on the grid, not on how the codes were chosen. lm_head (tied to the fp32 "
              "embedding) stays fp32 in every setting.", "",
              "| setting | ppl | vs fp32 | ORT ppl | params MB | ONNX MB | linears packed/fp32 | ORT latency ms | "
-             "optimize s | peak RSS MB | load |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "optimize s | peak RSS MB | load | threads |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, spec):
         return format(v, spec) if isinstance(v, (int, float)) else "-"
@@ -235,7 +235,8 @@ def markdown(result: dict) -> str:
         lines.append(f"| {name} | {fmt(row.get('ppl'), '.2f')} | {delta} | {fmt(row.get('ppl_ort'), '.2f')} | "
                      f"{fmt(params, '.1f')} | {fmt(mb, '.1f')} | {fmt(row.get('ratio'), '.3f')} | "
                      f"{fmt(row.get('latency_ms_median'), '.0f')} | {fmt(row.get('optimize_s'), '.0f')} | "
-                     f"{fmt(row.get('peak_rss_mb'), '.0f')} | {fmt(row.get('load_average'), '.1f')} |")
+                     f"{fmt(row.get('peak_rss_mb'), '.0f')} | {fmt(row.get('load_average'), '.1f')} | "
+                     f"{fmt(row.get('threads'), 'd')} |")
     lines += ["", "| target | met | numbers |", "|---|---|---|"]
     for name, t in result.get("targets", {}).items():
         met = t.get("met", t.get("met_counting_growth_only"))
@@ -290,7 +291,7 @@ def merge(stem: str, parts: list[str]) -> None:
         if (other["calibration"], other["evaluation"]) != (result["calibration"], result["evaluation"]):
             raise SystemExit(f"{part}: different calibration or evaluation text; not merged")
         for name, row in other["rows"].items():
-            if "ppl" in row or name not in result["rows"]:
+            if "error" not in row or name not in result["rows"]:  # a measured row replaces the old one
                 result["rows"].setdefault(name, {}).update(row)
     result["targets"] = targets(result)
     out.write_text(json.dumps(result, indent=1))
@@ -351,6 +352,7 @@ def main() -> None:
             except Exception as exc:  # one broken setting must not lose the others' numbers
                 row = {"setting": name, "error": f"{type(exc).__name__}: {exc}"[:500]}
             row["load_average"] = os.getloadavg()[0]
+            row["threads"] = THREADS
             mine[name] = row
             if out.exists():  # another run may have written rows meanwhile: re-read, then add this run's
                 result["rows"] = json.loads(out.read_text())["rows"]
