@@ -18,10 +18,11 @@ Settings: fp32; RTN / GPTQ / AWQ at int4 symmetric group 64, int4 asymmetric gro
 asymmetric group 64, int8 per-channel; MixedPrecision (GPTQ, asymmetric group 64) at 4.0 / 3.5
 / 3.0 average bits versus uniform GPTQ and versus a sensitivity-blind allocation (int3 and
 int4 on alternating layers, 3.5 bits), with the default candidates (2, 3, 4, 8) and with
-(3, 4) at 3.5 bits / (3, 4, 8) at 4.0 bits; and ONNX Runtime's own MatMulNBits quantizer (RTN,
-int4, block 64) on the fp32 ONNX file, the tool a user would otherwise pick. ``lm_head``
-(tied to the embedding, whose fp32 table stays in the file anyway) is left in fp32 by
-every method, ORT's included.
+(3, 4) at 3.5 bits / (3, 4, 8) at 4.0 bits; W8A8 (``QuantizeActivations``, per-tensor and
+per-token) with and without ``SplitOutliers`` before it; and ONNX Runtime's own MatMulNBits
+quantizer (RTN, int4, block 64) on the fp32 ONNX file, the tool a user would otherwise pick.
+``lm_head`` (tied to the embedding, whose fp32 table stays in the file anyway) is left in fp32
+by every method, ORT's included.
 
 Run ``flock /tmp/rarefy-bench.lock python benchmarks/quantize.py`` so timed runs do not
 overlap; every row records the load average when it finished. Results merge into ``benchmarks/results/quantize.json`` by setting name, so
@@ -76,6 +77,11 @@ def settings() -> dict:
         table[name] = (lambda a=avg, c=candidates: [rf.passes.MixedPrecision(
             avg_bits=a, candidates=c, group_size=64, symmetric=False, quantizer="gptq", ignore=IGNORE)])
     table["gptq_int4_sym_g64_pydoc"] = table["gptq_int4_sym_g64"]  # calibrated on another register
+    for granularity in ("tensor", "token"):  # W8A8, and with the MLPs' outlier units kept in fp32
+        table[f"w8a8_{granularity}"] = (lambda g=granularity: [
+            rf.passes.QuantizeActivations(granularity=g, ignore=IGNORE)])
+        table[f"split_outliers_w8a8_{granularity}"] = (lambda g=granularity: [
+            rf.passes.SplitOutliers(ignore=IGNORE), rf.passes.QuantizeActivations(granularity=g, ignore=IGNORE)])
     table["ort_rtn_int4_sym_b64"] = "ort"
     table["ort_rtn_int4_asym_b64"] = "ort"
     return table
