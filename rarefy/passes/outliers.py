@@ -72,7 +72,7 @@ class SplitOutliers(Pass):
     must_run_before = ("QuantizeActivations", "QuantizeWeights", "MixedPrecision")
 
     def __init__(self, ratio: float = 6.0, max_fraction: float = 0.01, *, targets=None, ignore=None):
-        """``ratio``: a unit is an outlier above ``ratio`` x the median unit's max |input|;
+        """``ratio``: a unit is an outlier above ``ratio`` x the median live unit's max |input|;
         ``max_fraction``: at most this share of an MLP's units is split off (at least one).
         ``targets`` / ``ignore`` select down projections by name."""
         super().__init__(targets=targets, ignore=ignore)
@@ -88,8 +88,8 @@ class SplitOutliers(Pass):
         names, skipped = self.select([s.name for s in sites])
         by_node = {s.nodes[0]: s for s in sites}
         shared = shared_weights(graph.fx)
-        mlps = []
-        for site in (s for s in sites if s.name in set(names)):
+        mlps, chosen = [], set(names)
+        for site in (s for s in sites if s.name in chosen):
             mlp, why = hidden_units(site, by_node)
             if mlp is not None and any(s.tensors["weight"] in shared for s in [site, *mlp.ups]):
                 mlp, why = None, "a weight of this MLP is shared with another op (tied)"
@@ -108,7 +108,7 @@ class SplitOutliers(Pass):
         mlps, skipped = self.plan(graph)
         stats = linear_input_stats(graph, ctx.batches, [m.down for m in mlps], ("abs_max",), progress=ctx.progress)
         elsewhere = sorted(n for n, why in skipped.items() if why.startswith(_NOT_AN_MLP))
-        notes = [f"{name}: not split ({why})" for name, why in skipped.items() if name not in set(elsewhere)]
+        notes = [f"{name}: not split ({why})" for name, why in skipped.items() if not why.startswith(_NOT_AN_MLP)]
         if elsewhere:
             notes.append(f"{len(elsewhere)} linears do not read an MLP's hidden units (their input comes from a "
                          f"norm, a reshape, ...; the reason for each is in the details): {', '.join(elsewhere)}")
@@ -117,7 +117,7 @@ class SplitOutliers(Pass):
         for mlp in mlps:
             peak = stats[mlp.down.name]["abs_max"].float()
             units = outlier_units(peak, self.ratio, self.max_fraction)
-            median = float(peak[peak > 0].median()) if (peak > 0).any() else 0.0
+            median = live_median(peak)
             details[mlp.down.name] = {"units": units.tolist(), "unit_max": [round(float(peak[u]), 3) for u in units],
                                       "median_unit_max": round(median, 4)}
             if not len(units):
@@ -132,13 +132,20 @@ class SplitOutliers(Pass):
         return PassResult(graph, split > 0, counts, notes, details)
 
 
-def outlier_units(peak: torch.Tensor, ratio: float, max_fraction: float) -> torch.Tensor:
-    """Indices (ascending) of the units whose ``peak`` exceeds ``ratio`` x the median live unit's
-    (dead units, never above zero, do not pull the median down), largest first, capped."""
+def live_median(peak: torch.Tensor) -> float:
+    """The median of the units' ``peak`` over the live ones (dead units, never above zero, would
+    pull it down); 0 when every unit is dead."""
     live = peak[peak > 0]
-    if not live.numel():
+    return float(live.median()) if live.numel() else 0.0
+
+
+def outlier_units(peak: torch.Tensor, ratio: float, max_fraction: float) -> torch.Tensor:
+    """Indices (ascending) of the units whose ``peak`` exceeds ``ratio`` x the median live unit's,
+    largest first, capped; none when every unit is dead."""
+    median = live_median(peak)
+    if median == 0.0:
         return torch.zeros(0, dtype=torch.long)
-    above = (peak > ratio * live.median()).nonzero().flatten()
+    above = (peak > ratio * median).nonzero().flatten()
     cap = max(1, int(max_fraction * peak.numel()))
     largest = above[peak[above].argsort(descending=True)][:cap]
     return largest.sort().values

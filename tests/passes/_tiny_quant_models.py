@@ -24,6 +24,18 @@ def first_output(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else next(iter(out.values()))
 
 
+def assert_exports_and_runs_in_ort(graph, reference: torch.Tensor, batch: dict, path) -> None:
+    """The third assertion of STYLE.md: ``graph`` exports, the file passes onnx.checker, and ONNX
+    Runtime (graph optimisations off) matches ``reference`` within 1e-4 on ``batch``."""
+    import onnx
+
+    import rarefy as rf
+
+    onnx.checker.check_model(onnx.load(str(rf.export_onnx(graph, path))))
+    ort_out = first_output(rf.compile(graph, "onnxruntime", optimize=False)(**batch))
+    torch.testing.assert_close(ort_out, reference, atol=1e-4, rtol=0)
+
+
 def minilm_pydoc_kjv():
     """all-MiniLM-L6-v2 captured, with 2 x 2 x 64 tokens of Python docs to calibrate on and
     2 x 64 tokens of the Bible to evaluate on (different texts): ``(graph, calibration, evaluation)``."""

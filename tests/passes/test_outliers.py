@@ -1,6 +1,5 @@
 """SplitOutliers: fires on three architectures (one GQA, one gated MLP), exact at fp32 tolerance,
 still exports; the side branch stays in full precision through the quantization passes."""
-import onnx
 import pytest
 import torch
 
@@ -11,7 +10,8 @@ from rarefy.passes.outliers import SplitOutliers, outlier_units
 from rarefy.passes.quantize import QuantizeWeights
 from rarefy.passes.quantize_activations import QuantizeActivations
 
-from _tiny_quant_models import batches, first_output, minilm_pydoc_kjv, tiny  # noqa: E402  (sibling test helper)
+from _tiny_quant_models import (assert_exports_and_runs_in_ort, batches, first_output, minilm_pydoc_kjv,
+                               tiny)  # noqa: E402  (sibling test helper)
 
 UNIT = 5  # the planted outlier unit of every MLP
 
@@ -52,10 +52,7 @@ def test_split_is_exact_and_exports(arch, tmp_path):
     torch.testing.assert_close(first_output(out(**held_out)), ref, atol=1e-5, rtol=0)
     # 3. still valid: lints, exports, passes the checker, runs in ONNX Runtime (optimisations off)
     out.fx.graph.lint()
-    path = rf.export_onnx(out, tmp_path / "split.onnx")
-    onnx.checker.check_model(onnx.load(str(path)))
-    ort_out = first_output(rf.compile(out, "onnxruntime", optimize=False)(**held_out))
-    torch.testing.assert_close(ort_out, ref, atol=1e-4, rtol=0)
+    assert_exports_and_runs_in_ort(out, ref, held_out, tmp_path / "split.onnx")
 
 
 def test_split_helps_per_tensor_int8():

@@ -1,5 +1,4 @@
 """SmoothQuant: fires on three architectures (one GQA), exact at fp32 tolerance, still exports."""
-import onnx
 import pytest
 import torch
 
@@ -9,7 +8,8 @@ from rarefy.ir.errors import PassError, RarefyError, UnsupportedError
 from rarefy.passes.quantize_activations import QuantizeActivations
 from rarefy.passes.smoothquant import SmoothQuant, smoothing_scales
 
-from _tiny_quant_models import batches, first_output, minilm_pydoc_kjv, tiny  # noqa: E402  (sibling test helper)
+from _tiny_quant_models import (assert_exports_and_runs_in_ort, batches, first_output, minilm_pydoc_kjv,
+                               tiny)  # noqa: E402  (sibling test helper)
 
 
 @pytest.mark.parametrize("arch", ["llama", "bert", "opt"])
@@ -28,10 +28,7 @@ def test_smoothquant_is_exact_and_exports(arch, tmp_path):
     ref, new = first_output(graph(**held_out)), first_output(out(**held_out))
     torch.testing.assert_close(new, ref, atol=1e-5, rtol=0)
     # 3. still valid: exports, passes the checker, runs in ONNX Runtime (optimisations off)
-    path = rf.export_onnx(out, tmp_path / "smooth.onnx")
-    onnx.checker.check_model(onnx.load(str(path)))
-    ort_out = first_output(rf.compile(out, "onnxruntime", optimize=False)(**held_out))
-    torch.testing.assert_close(ort_out, ref, atol=1e-4, rtol=0)
+    assert_exports_and_runs_in_ort(out, ref, held_out, tmp_path / "smooth.onnx")
 
 
 def test_smoothquant_helps_int8_with_an_outlier_channel():
