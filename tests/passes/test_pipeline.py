@@ -57,6 +57,9 @@ LOSSY_CHAINS = {
     "gptq": lambda: [rf.passes.QuantizeWeights(bits=4, group_size=16, method="gptq")],
     "sparsegpt+w8a8": lambda: [rf.passes.Sparsify(0.5, method="sparsegpt"), rf.passes.QuantizeActivations()],
     "flap+drop": lambda: [rf.passes.PruneChannels(0.25, method="flap"), rf.passes.DropLayers(count=1)],
+    # ratio 2 on random weights: a few units per MLP go to the side branch, so the split rewrites weights
+    "split_outliers+w8a8": lambda: [rf.passes.SplitOutliers(ratio=2.0, max_fraction=0.05),
+                                    rf.passes.QuantizeActivations()],
 }
 
 
