@@ -95,11 +95,14 @@ def per_row_cosine(reference, test) -> float:
 
 
 def max_abs_error(reference, test) -> float:
-    """``max |reference - test|`` (0.0 for empty tensors)."""
+    """``max |reference - test|`` (0.0 for empty tensors; NaN when any difference is NaN)."""
     worst = 0.0
     for r, t in _flat_chunks(reference, test):
         if r.numel():
-            worst = max(worst, float((r - t).abs().max()))
+            chunk = float((r - t).abs().max())  # torch's max propagates NaN
+            if math.isnan(chunk):
+                return math.nan  # Python's max(0.0, nan) would drop it
+            worst = max(worst, chunk)
     return worst
 
 

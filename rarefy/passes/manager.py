@@ -2,9 +2,11 @@
 
 Verification runs the graph after every pass on held-out batches and compares its
 floating outputs with the *original* graph's: SQNR (dB), cosine similarity and max abs
-error. An exact pass beyond its tolerance raises ``VerificationError``; a lossy pass that
-breaks its budget (``{"min_sqnr_db": 20, "min_cosine": 0.99, "max_abs_error": ...}``, set
-on the pass or for the whole pipeline) is rolled back and the report says why. Ordering
+error. Outputs that turn NaN or inf where the original's are finite fail every pass: an
+exact pass raises, a lossy one is rolled back, budget or not. An exact pass beyond its
+tolerance raises ``VerificationError``; a lossy pass that breaks its budget
+(``{"min_sqnr_db": 20, "min_cosine": 0.99, "max_abs_error": ...}``, set on the pass or for
+the whole pipeline) is rolled back and the report says why. Ordering
 constraints (``Pass.must_run_before``) are checked against the order the user wrote and
 never used to reorder it.
 """
@@ -90,7 +92,11 @@ def run_pipeline(graph, passes: list[Pass], calibration=None, evaluation=None, v
         status = "applied" if result.modified else "unchanged"
         record = _measure(p.spec(), status, result.graph, reference, held_out, seconds)
         record.stats, record.notes, record.details = dict(result.stats), list(result.notes), dict(result.details)
-        if verify and p.exact and record.max_abs_error is not None and record.max_abs_error > p.tolerance:
+        if verify and p.exact and record.nonfinite:
+            raise VerificationError(
+                f"{p.name} is exact but its outputs are not finite: {_nonfinite_text(record)} on {eval_text}"
+            )
+        if verify and p.exact and record.max_abs_error is not None and not record.max_abs_error <= p.tolerance:
             raise VerificationError(
                 f"{p.name} is exact but changed the outputs by {record.max_abs_error:.3e} "
                 f"(tolerance {p.tolerance:.0e}) on {eval_text}"
@@ -116,12 +122,14 @@ def _measure(spec, status, graph, reference, held_out, seconds) -> PassRecord:
     if reference is None:
         return record
     ref, out = [], []
+    record.nonfinite = 0
     for batch, ref_outputs in zip(held_out, reference):
         outputs = graph.run_batch(batch)
         for r, o in zip(ref_outputs, outputs):
             if r.is_floating_point():
                 ref.append(r.detach().reshape(-1).double())
                 out.append(o.detach().reshape(-1).double())
+                record.nonfinite += int((~torch.isfinite(out[-1]) & torch.isfinite(ref[-1])).sum())
     if ref:
         ref_all, out_all = torch.cat(ref), torch.cat(out)
         record.sqnr_db = float(sqnr_db(ref_all, out_all))
@@ -151,7 +159,13 @@ def _check_budget(budget: dict | None) -> None:
         raise PassError(f"unknown budget keys {sorted(unknown)}; known: {BUDGET_KEYS}")
 
 
+def _nonfinite_text(record: PassRecord) -> str:
+    return f"{record.nonfinite} output values are NaN or inf where the original's are finite"
+
+
 def _broken_budget(budget: dict | None, record: PassRecord) -> str | None:
+    if record.nonfinite:  # checked with or without a budget: a budget's comparisons are False for NaN
+        return f"outputs are not finite ({_nonfinite_text(record)})"
     if not budget or record.sqnr_db is None:
         return None
     if "min_sqnr_db" in budget and not record.sqnr_db >= budget["min_sqnr_db"]:

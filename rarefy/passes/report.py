@@ -27,6 +27,7 @@ class PassRecord:
     sqnr_db: float | None = None
     cosine: float | None = None
     max_abs_error: float | None = None
+    nonfinite: int | None = None  # output values that are NaN or inf where the original's are not
     param_bytes: int = 0
     node_count: int = 0
     seconds: float = 0.0

@@ -90,6 +90,14 @@ def test_max_abs_error():
     assert max_abs_error(torch.zeros(0), torch.zeros(0)) == 0.0
 
 
+def test_max_abs_error_propagates_nan_and_inf():
+    # max(0.0, nan) is 0.0 in Python: a NaN output must not read as "no error"
+    ref = torch.tensor([1.0, 2.0, 3.0])
+    assert math.isnan(max_abs_error(ref, torch.tensor([1.0, float("nan"), 3.0])))
+    assert max_abs_error(ref, torch.tensor([1.0, float("inf"), 3.0])) == math.inf
+    assert math.isnan(max_abs_error(torch.tensor([float("nan")]), torch.tensor([float("nan")])))
+
+
 def _batch(ids, mask=None):
     ids = torch.as_tensor(ids)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids) if mask is None else torch.as_tensor(mask)}

@@ -119,6 +119,53 @@ def test_budget_rolls_back_a_lossy_pass_and_says_why():
     assert [s["pass"] for s in out.recipe] == ["EliminateDeadCode"]
 
 
+class _Poison(Pass):
+    """Test-only pass: writes ``value`` (NaN or inf) into one weight of the first linear."""
+
+    def __init__(self, value: float = float("nan"), *, targets=None, ignore=None, budget=None):
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
+        self.value = value
+
+    def call(self, graph, ctx):
+        owner, _, attr = graph.sites("linear")[0].tensors["weight"].rpartition(".")
+        module = graph.fx.get_submodule(owner)
+        weight = getattr(module, attr).detach().clone()
+        weight.view(-1)[0] = self.value
+        setattr(module, attr, torch.nn.Parameter(weight))
+        return PassResult(graph, True, {"poisoned": 1})
+
+
+class _PoisonExact(_Poison):
+    exact = True
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("budget", [None, {"min_sqnr_db": -100}, {"max_abs_error": 1e30}], ids=["none", "sqnr", "abs"])
+def test_a_lossy_pass_with_non_finite_outputs_is_rolled_back(value, budget):
+    # with or without a budget (and a budget no finite output could break): NaN / inf is never "applied"
+    g, _ = _graph()
+    out = rf.optimize(g, [_Poison(value, budget=budget), rf.passes.EliminateDeadCode()],
+                      calibration=_calibration(), progress=False)
+    row = out.report.row("_Poison")
+    assert row.status.startswith("rolled back: outputs are not finite"), row.status
+    assert [s["pass"] for s in out.recipe] == ["EliminateDeadCode"]
+    assert out.report.rows[-1].max_abs_error == 0.0  # the next pass ran on the rolled-back graph
+    assert all(torch.isfinite(p).all() for p in out.fx.parameters())
+
+
+def test_a_pipeline_budget_does_not_let_non_finite_outputs_through():
+    g, _ = _graph()
+    out = rf.optimize(g, [_Poison()], calibration=_calibration(), budget={"min_cosine": -1.0}, progress=False)
+    assert out.report.row("_Poison").status.startswith("rolled back: outputs are not finite")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_an_exact_pass_with_non_finite_outputs_raises(value):
+    g, _ = _graph()
+    with pytest.raises(rf.VerificationError, match="_PoisonExact is exact but its outputs are not finite"):
+        rf.optimize(g, [_PoisonExact(value)], calibration=_calibration(), progress=False)
+
+
 def test_pipeline_wide_budget_keeps_passes_within_it():
     g, _ = _graph()
     out = rf.optimize(g, [_Scale(1.001)], calibration=_calibration(), budget={"min_cosine": 0.99}, progress=False)
