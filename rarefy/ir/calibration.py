@@ -76,7 +76,7 @@ def run_lockstep(graph, batches: list, hook: Hook | None = None, progress: bool 
     e.g. an LM head's batch x tokens x vocabulary logits) and the outputs come back empty.
     """
     gm = graph.fx
-    leaves = [graph.signature.flatten(*split_inputs(b)) for b in batches]
+    leaves = [graph.batch_leaves(b) for b in batches]
     nodes = list(gm.graph.nodes)
     last_use = {}
     for i, node in enumerate(nodes):

@@ -56,8 +56,12 @@ class Graph:
 
     def run_batch(self, batch: Any) -> list[torch.Tensor]:
         """Run one calibration/evaluation batch (tuple or dict); flattened tensor outputs."""
-        args, kwargs = split_inputs(batch)
-        return self.run_flat(self.signature.flatten(args, kwargs))
+        return self.run_flat(self.batch_leaves(batch))
+
+    def batch_leaves(self, batch: Any) -> list[torch.Tensor]:
+        """The flat inputs (signature order) of one batch; graphs whose calls carry state
+        (a decoder's past) complete a batch that gives only the model's own inputs."""
+        return self.signature.flatten(*split_inputs(batch))
 
     # -- structure -----------------------------------------------------------------------
     @property

@@ -161,7 +161,7 @@ class _Probe(torch.fx.Interpreter):
 
 def _run(graph, batch, units, bypassed: tuple[Unit, ...] = ()) -> tuple[list, _Probe]:
     probe = _Probe(graph.fx, units, bypassed)
-    leaves = graph.signature.flatten(*split_inputs(batch))
+    leaves = graph.batch_leaves(batch)
     with torch.no_grad():
         out = probe.run(*leaves)
     return [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)], probe

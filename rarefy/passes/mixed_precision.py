@@ -159,7 +159,7 @@ def output_gradient_energy(graph, sites: list, batches: list, progress: bool = T
     for batch in tqdm(batches, desc="MixedPrecision loss gradients", disable=not progress, leave=False):
         args, kwargs = split_inputs(batch)
         with torch.enable_grad():
-            outputs = _GradientTap(graph.fx, names, add).run(*graph.signature.flatten(args, kwargs))
+            outputs = _GradientTap(graph.fx, names, add).run(*graph.batch_leaves(batch))
             outputs = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
             ids = kwargs.get("input_ids")
             if is_lm_logits(ids, outputs, vocab):

@@ -1,0 +1,226 @@
+"""``rf.capture_causal_lm``: a Hugging Face causal LM as the decoder-with-past graph that
+ONNX Runtime GenAI and Optimum run.
+
+The captured graph is the standard contract
+
+    (input_ids [B, S], attention_mask [B, P+S], position_ids [B, S],
+     past_key_values.{i}.key / .value [B, H_kv, P, D]  for every layer i)
+      -> (logits [B, S, V], present.{i}.key / .value [B, H_kv, P+S, D])
+
+with every size dynamic, P = 0 included (the first call). Query s of row b sees key j when
+``attention_mask[b, j] == 1`` and ``j <= P + s``, so left-padded batches work: padded keys
+are never read, and each row's real tokens behave as that prompt run alone.
+
+How: the model runs with ``use_cache=False`` and a registered attention implementation
+(``transformers.AttentionInterface``) that receives each layer's post-RoPE q/k/v, appends
+k/v to that layer's past (the present) and attends with the mask above through
+``scaled_dot_product_attention``. Everything is plain aten, so every pass that runs on a
+``rf.capture`` graph runs on this one: its sites have the same names, and calibration and
+verification feed it ordinary ``{input_ids, attention_mask}`` batches, completed with
+position ids from the mask and an empty past (:meth:`CausalLM.batch_leaves`). The graph
+at P = 0 *is* the full-sequence forward; the same graph, exported, is the artifact.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .capture import _config_dict
+from .decoder import decoder_geometry, flat_module
+from .errors import CaptureError, InputMismatchError
+from .graph import Graph
+from .signature import Signature, split_inputs
+
+ATTN_IMPLEMENTATION = "rarefy_with_past"
+_ACTIVE: list["_PastState"] = []  # the call being traced (attention reads its past from here)
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+class _PastState:
+    def __init__(self, attention_mask: torch.Tensor, past: list[torch.Tensor]):
+        self.attention_mask = attention_mask
+        self.past = list(past)
+        self.present = list(past)
+
+
+def key_mask(attention_mask: torch.Tensor, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask [B, 1, S, P+S]: 0 where query s may read key j, the dtype's minimum
+    elsewhere (finite, so a padded query row that sees no key gives no NaN)."""
+    past = keys - queries
+    key_pos = torch.arange(keys, device=attention_mask.device)
+    query_pos = past + torch.arange(queries, device=attention_mask.device)
+    causal = key_pos[None, :] <= query_pos[:, None]  # [S, P+S]
+    # the mask's columns read by index, not by broadcasting: its length is then not tied to the
+    # cache's at export (a shape relation there would become a guard that ONNX export fails on)
+    real = attention_mask.index_select(1, key_pos) != 0  # [B, P+S]
+    allowed = causal[None, None] & real[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def _past_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention over past + present k/v for layer ``module.layer_idx`` (HF's layout:
+    q/k/v [B, H(kv), S, D] in, [B, S, H, D] out)."""
+    if not _ACTIVE:
+        raise CaptureError(f"the '{ATTN_IMPLEMENTATION}' attention only runs inside rf.capture_causal_lm")
+    call = _ACTIVE[-1]
+    i = module.layer_idx
+    keys = torch.cat([call.past[2 * i], key], dim=2)
+    values = torch.cat([call.past[2 * i + 1], value], dim=2)
+    call.present[2 * i], call.present[2 * i + 1] = keys, values
+    groups = query.shape[1] // keys.shape[1]
+    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
+        keys = keys.repeat_interleave(groups, dim=1)
+        values = values.repeat_interleave(groups, dim=1)
+    mask = key_mask(call.attention_mask, query.shape[2], keys.shape[2], query.dtype)
+    scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
+    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _past_attention)
+
+
+class _WithPast(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past: list):
+        call = _PastState(attention_mask, past)
+        _ACTIVE.append(call)
+        try:
+            out = self.model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        finally:
+            _ACTIVE.pop()
+        logits = out.logits if hasattr(out, "logits") else out[0]
+        return (logits, *call.present)
+
+
+@contextlib.contextmanager
+def _with_past_mode(model):
+    config = model.config
+    was_training, old_impl, old_use_cache = model.training, config._attn_implementation, config.use_cache
+    model.eval()
+    config._attn_implementation = ATTN_IMPLEMENTATION
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        config._attn_implementation = old_impl
+        config.use_cache = old_use_cache
+
+
+def positions_from_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
+    """Position ids [B, S] of the last S = total - past tokens: the count of real tokens before
+    each one (ONNX Runtime GenAI's rule), 0 on padding."""
+    positions = (attention_mask.to(torch.int64).cumsum(-1) - 1).clamp(min=0)
+    positions = positions.masked_fill(attention_mask == 0, 0)
+    return positions[:, past:].contiguous()
+
+
+def capture_causal_lm(model: torch.nn.Module) -> "CausalLM":
+    """Capture ``model`` (a Hugging Face causal LM) as a decoder-with-past graph."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "config", None) is None:
+        raise CaptureError(f"rf.capture_causal_lm expects a Hugging Face causal LM, got {type(model).__name__}")
+    config = model.config
+    if getattr(config, "is_encoder_decoder", False) or not hasattr(model, "get_output_embeddings") \
+            or model.get_output_embeddings() is None:
+        raise CaptureError(f"rf.capture_causal_lm: {type(model).__name__} ({getattr(config, 'model_type', '?')}) "
+                           f"is not a decoder-only causal LM (no LM head / an encoder-decoder)")
+    geo = decoder_geometry(config)
+    if getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True) \
+            and getattr(config, "model_type", "") not in ("qwen2",):
+        raise CaptureError(f"rf.capture_causal_lm: {type(model).__name__} uses sliding-window attention "
+                           f"({config.sliding_window} tokens); that is not supported yet")
+    _register_attention()
+    dtype = next(model.parameters()).dtype
+    batch, tokens, past = 2, 3, 4  # sizes > 1, so torch.export keeps them dynamic
+    ids = torch.randint(0, geo["vocab_size"], (batch, tokens))
+    mask = torch.ones(batch, past + tokens, dtype=torch.int64)
+    positions = positions_from_mask(mask, past)
+    cache_shape = (batch, geo["num_kv_heads"], past, geo["head_dim"])
+    state = [torch.zeros(cache_shape, dtype=dtype) for _ in range(2 * geo["num_layers"])]
+    auto = Dim.AUTO  # every size its own symbol; a named Dim trips over a transformers guard (S != P + S)
+    dynamic = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
+               "position_ids": {0: auto, 1: auto}, "past": [{0: auto, 2: auto}] * len(state)}
+    with _with_past_mode(model):
+        try:
+            ep = torch.export.export(_WithPast(model), (ids, mask, positions, state), dynamic_shapes=dynamic,
+                                     strict=False)
+        except Exception as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CaptureError(f"rf.capture_causal_lm could not export {type(model).__name__}: "
+                               f"{type(exc).__name__}: {reason}") from exc
+    names = ["input_ids", "attention_mask", "position_ids"] + past_names(geo["num_layers"])
+    gm = flat_module(ep.module(), [n.replace(".", "_") for n in names])
+    leaves = [ids, mask, positions, *state]
+    _, in_spec = pytree.tree_flatten((tuple(leaves), {}))
+    shapes = [(None, None)] * 3 + [(None, cache_shape[1], None, cache_shape[3])] * len(state)
+    signature = Signature(names, [t.dtype for t in leaves], shapes, in_spec, None)
+    meta = {"source": type(model).__name__, "config": _config_dict(model),
+            "causal_lm": {**geo, "dtype": str(dtype).replace("torch.", ""),
+                          "outputs": ["logits"] + present_names(geo["num_layers"])},
+            "example_inputs": (tuple(leaves), {}),
+            "dynamic_shapes": {"input_ids": [0, 1], "attention_mask": [0, 1], "position_ids": [0, 1],
+                               **{n.replace(".", "_"): [0, 2] for n in names[3:]}}}
+    return CausalLM("fx", gm, signature, meta)
+
+
+class CausalLM(Graph):
+    """A decoder-with-past ``Graph``. Batches may give just ``input_ids`` (and
+    ``attention_mask``): position ids and an empty past are filled in, so calibration and
+    verification run the full-sequence forward."""
+
+    def copy(self) -> "CausalLM":
+        out = super().copy()
+        out.__class__ = CausalLM
+        return out
+
+    def __call__(self, *args, **kwargs):
+        return tuple(self.run_flat(self.batch_leaves((args, kwargs))))
+
+    def run_batch(self, batch: Any) -> list[torch.Tensor]:
+        """The logits of one batch: what verification compares. The presents are left out: an
+        exact rewrite may change the cached values while keeping every logit (SmoothQuant folds
+        its scales into the value projection)."""
+        return self.run_flat(self.batch_leaves(batch))[:1]
+
+    def batch_leaves(self, batch: Any) -> list[torch.Tensor]:
+        args, kwargs = batch if _is_call(batch) else split_inputs(batch)
+        named = dict(zip(self.signature.names, args))
+        named.update(kwargs)
+        if "input_ids" not in named:
+            raise InputMismatchError(f"a causal LM batch needs input_ids, got {sorted(named)}")
+        ids = named["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise InputMismatchError(f"input_ids must be a [B, S] tensor, got {getattr(ids, 'shape', type(ids))}")
+        unknown = set(named) - set(self.signature.names)
+        if unknown:
+            raise InputMismatchError(f"unknown inputs {sorted(unknown)}; the graph takes {self.signature.describe()}")
+        named.setdefault("attention_mask", torch.ones_like(ids, dtype=torch.int64))
+        past = named["attention_mask"].shape[1] - ids.shape[1]
+        named.setdefault("position_ids", positions_from_mask(named["attention_mask"], past))
+        for spec_name, dtype, shape in zip(self.signature.names[3:], self.signature.dtypes[3:],
+                                           self.signature.shapes[3:]):
+            named.setdefault(spec_name, torch.zeros((ids.shape[0], shape[1], past, shape[3]), dtype=dtype))
+        return self.signature.flatten(tuple(named[n] for n in self.signature.names), {})
+
+
+def _is_call(batch) -> bool:
+    return isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], tuple) and isinstance(batch[1], dict)
