@@ -80,13 +80,17 @@ def _past_attention(module, query, key, value, attention_mask, scaling=None, dro
     values = torch.cat([call.past[2 * i + 1], value], dim=2)
     call.present[2 * i], call.present[2 * i + 1] = keys, values
     groups = query.shape[1] // keys.shape[1]
-    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads
-        keys = keys.repeat_interleave(groups, dim=1)
-        values = values.repeat_interleave(groups, dim=1)
+    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads (HF's repeat_kv)
+        keys, values = (_repeat_heads(t, groups) for t in (keys, values))
     mask = key_mask(call.attention_mask, query.shape[2], keys.shape[2], query.dtype)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
+    b, heads, length, dim = t.shape
+    return t[:, :, None].expand(b, heads, groups, length, dim).reshape(b, heads * groups, length, dim)
 
 
 def _register_attention() -> None:

@@ -183,7 +183,9 @@ def _fx_block_sites(graph) -> list[Site]:
             "attention_linears": [n for n in block_linears if attention and n.startswith(attention + ".")],
             "mlp_linears": [n for n in block_linears if not (attention and n.startswith(attention + "."))],
         }
-        hidden_in = _hidden_input(inputs, outputs)
+        # the residual stream leaves for the next block; a decoder's present k/v go straight to the graph output
+        stream = [n for n in outputs if any(u not in node_set and u.op != "output" for u in n.users)]
+        hidden_in = _hidden_input(inputs, stream or outputs)
         sites.append(Site("block", name, nodes, {}, {}, {
             **parts, "linears": block_linears, "class": classes[index].get(name, ""),
             "inputs": inputs, "outputs": outputs, "hidden_input": hidden_in,
