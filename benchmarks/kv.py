@@ -61,9 +61,9 @@ def configs(context: int) -> list[tuple[str, list]]:
            ("KIVI int2 (G16, R128)", [CompressKV("quantize", bits=2, group_size=16, residual=128)])]
     for budget, label in [(half, "50%"), (quarter, "25%")]:
         for method in ("h2o", "snapkv", "streaming"):
-            out.append((f"{method} {label} ({budget} tokens)", [CompressKV(method, budget=budget)]))
+            out.append((f"{method} {label} ({budget} tokens)", [CompressKV(method, token_budget=budget)]))
     for method in ("h2o", "streaming"):  # quantize + evict in one pass
-        out.append((f"{method} 50% + int4 (G32)", [CompressKV(method, budget=half, bits=4, group_size=32)]))
+        out.append((f"{method} 50% + int4 (G32)", [CompressKV(method, token_budget=half, bits=4, group_size=32)]))
     return out
 
 

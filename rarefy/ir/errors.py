@@ -35,3 +35,9 @@ class CalibrationError(RarefyError, ValueError):
 
 class RecipeError(RarefyError, ValueError):
     """A recipe names an unknown pass or gives it arguments it does not take."""
+
+
+class ArgumentError(RecipeError, UnsupportedError):
+    """A pass or a pipeline got an argument of the wrong type, outside its range or unknown;
+    the message names the pass (or function), the argument, what it takes and what came.
+    A RecipeError (a recipe can carry the value) and an UnsupportedError (no pass handles it)."""

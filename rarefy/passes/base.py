@@ -10,6 +10,8 @@ Every pass records the arguments it was built with, so ``spec()`` gives
 ``{"pass": "QuantizeWeights", "bits": 8}`` and ``Pass.from_spec`` rebuilds it: recipes
 round-trip. ``targets=`` / ``ignore=`` take qualified-name globs (``"*.mlp.*"``) or
 regular expressions prefixed ``re:``; one helper, ``select``, resolves them for every pass.
+``budget=`` (the verification budget, keys in ``args.BUDGET_KEYS``) and the selectors are
+checked here; each pass checks its own arguments with the helpers in ``args``.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..ir.errors import PassError, RarefyError, RecipeError, UnsupportedError
+from . import args
 
 _REGISTRY: dict[str, type["Pass"]] = {}
 
@@ -65,9 +68,9 @@ class Pass:
         cls.__init__ = recording_init
 
     def __init__(self, *, targets: Any = None, ignore: Any = None, budget: dict | None = None):
-        self.targets = _as_list(targets)
-        self.ignore = _as_list(ignore)
-        self.budget = dict(budget) if budget else None
+        self.targets = args.names(self.name, "targets", targets)
+        self.ignore = args.names(self.name, "ignore", ignore)
+        self.budget = args.budget(self.name, budget)
 
     @property
     def name(self) -> str:
@@ -156,14 +159,6 @@ def _matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return fnmatch.fnmatchcase(name, pattern)
-
-
-def _as_list(value) -> list[str]:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        return [value]
-    return list(value)
 
 
 def _jsonable(value):

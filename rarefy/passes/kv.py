@@ -25,16 +25,18 @@ not. On SmolLM2 (1,024 KJV tokens, teacher-forced) 4-bit G = 64, R = 0 costs +1.
 (G = 32, R = 0: -0.6%); 2 bits need small groups and a window: G = 16, R = 128 +8.6% (0.195x),
 G = 32, R = 32 +23%.
 
-Eviction to ``budget`` tokens per layer and kv head (the cache capacity becomes the budget,
-every write keeps the best ``budget`` of old slots + new tokens; keys are cached after RoPE,
-so a kept key never needs re-rotating):
+Eviction to ``token_budget`` tokens per layer and kv head (the cache capacity becomes the
+token budget, every write keeps the best ``token_budget`` of old slots + new tokens; keys are
+cached after RoPE, so a kept key never needs re-rotating). ``budget=`` is, as on every pass,
+the verification budget (``{"min_sqnr_db": ...}``); the token count was called ``budget``
+before and that spelling now raises an error that names ``token_budget``:
 * ``h2o`` — Heavy-Hitter Oracle (Zhang et al. 2023): accumulated attention received, plus
   the ``window`` most recent tokens.
 * ``snapkv`` — SnapKV (Li et al. 2024): votes of the last ``window`` queries of each chunk
   (the observation window at the end of the prompt at prefill; the newest query when
   decoding), max-pooled over ``pool`` neighbouring positions; the window itself is kept.
 * ``streaming`` — StreamingLLM (Xiao et al. 2024): ``sinks`` first tokens plus the most
-  recent ``budget - sinks``.
+  recent ``token_budget - sinks``.
 
 With ``bits``, an evicting cache is also quantized (quantization and eviction in one pass):
 keys and values both per token over groups of ``group_size`` channels, because a kept slot
@@ -50,7 +52,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.decoder import DecoderStep
-from ..ir.errors import RarefyError
+from ..ir.errors import ArgumentError, RarefyError
 from ..kernels.kivi import SUPPORTED_BITS
 from ..kernels.kv_cache import EVICTION_METHODS
 from .base import Pass, PassResult
@@ -60,24 +62,27 @@ METHODS = ("quantize",) + EVICTION_METHODS
 
 
 class CompressKV(Pass):
-    """Compress the KV cache of a decode step: KIVI quantization or eviction to a budget."""
+    """Compress the KV cache of a decode step: KIVI quantization or eviction to a token budget."""
 
     dialects = ("fx",)
 
-    def __init__(self, method: str = "quantize", bits: int | None = None, budget: int | None = None,
+    def __init__(self, method: str = "quantize", bits: int | None = None, token_budget: int | None = None,
                  group_size: int = 64, residual: int = 0, sinks: int | None = None, window: int | None = None,
-                 pool: int = 7, *, targets=None, ignore=None):
-        super().__init__(targets=targets, ignore=ignore)
+                 pool: int = 7, *, targets=None, ignore=None, budget=None):
+        if isinstance(budget, (int, float)) and not isinstance(budget, bool):  # the token count's old name
+            raise ArgumentError(f"CompressKV: the token count per layer is token_budget={budget!r} now; budget= is "
+                                f"the verification budget, as on every pass (e.g. {{'min_sqnr_db': 20}})")
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
         if method not in METHODS:
             raise RarefyError(f"CompressKV: unknown method {method!r}; choose one of {METHODS}")
-        self.method, self.bits, self.token_budget = method, bits, budget
+        self.method, self.bits, self.token_budget = method, bits, token_budget
         self.group_size, self.residual, self.pool = group_size, residual, pool
         if method == "quantize":
             if bits not in SUPPORTED_BITS:
                 raise RarefyError(f"CompressKV(method='quantize') needs bits in {SUPPORTED_BITS}, got {bits!r}")
-            if budget is not None:
-                raise RarefyError("CompressKV(method='quantize') takes no budget; list an eviction CompressKV "
-                                  "pass for that")
+            if token_budget is not None:
+                raise RarefyError("CompressKV(method='quantize') takes no token_budget; list an eviction "
+                                  "CompressKV pass for that")
             if group_size < 8 // bits or group_size & (group_size - 1):
                 raise RarefyError(f"CompressKV: group_size={group_size} must be a power of two >= {8 // bits}")
             if residual < 0 or residual % group_size:
@@ -88,14 +93,16 @@ class CompressKV(Pass):
                               f"group_size={group_size} a power of two >= {8 // bits}")
         if pool < 1 or pool % 2 == 0:
             raise RarefyError(f"CompressKV: pool={pool} must be an odd window of positions")
-        if not isinstance(budget, int) or budget < 1:
-            raise RarefyError(f"CompressKV(method={method!r}) needs budget=<tokens per layer>, got {budget!r}")
+        if not isinstance(token_budget, int) or token_budget < 1:
+            raise RarefyError(f"CompressKV(method={method!r}) needs token_budget=<tokens per layer>, "
+                              f"got {token_budget!r}")
         self.sinks = sinks if sinks is not None else (4 if method == "streaming" else 0)
-        default_window = {"h2o": budget // 2, "snapkv": min(32, budget), "streaming": budget - self.sinks}[method]
+        default_window = {"h2o": token_budget // 2, "snapkv": min(32, token_budget),
+                          "streaming": token_budget - self.sinks}[method]
         self.window = window if window is not None else default_window
-        if self.sinks < 0 or self.window < 0 or budget < self.sinks + self.window:
-            raise RarefyError(f"CompressKV: budget={budget} is smaller than sinks ({self.sinks}) + window "
-                              f"({self.window})")
+        if self.sinks < 0 or self.window < 0 or token_budget < self.sinks + self.window:
+            raise RarefyError(f"CompressKV: token_budget={token_budget} is smaller than sinks ({self.sinks}) + "
+                              f"window ({self.window})")
 
     # -- checks before any work ------------------------------------------------------------------
     def requires(self, graph, ctx) -> None:
@@ -105,7 +112,7 @@ class CompressKV(Pass):
                               "rf.capture_decoder(model, max_cache_len=...), not rf.capture")
         capacity = decoder["capacity"]
         if self.method != "quantize" and self.token_budget > capacity:
-            raise RarefyError(f"CompressKV: budget={self.token_budget} is larger than the cache "
+            raise RarefyError(f"CompressKV: token_budget={self.token_budget} is larger than the cache "
                               f"(max_cache_len={capacity})")
         if self.bits is not None and decoder["head_dim"] % self.group_size:
             raise RarefyError(f"CompressKV: group_size={self.group_size} must divide the head dim "
@@ -205,4 +212,4 @@ class CompressKV(Pass):
 
         rewrite_layer(graph, entry, state, attention, write)
         entry.update(method=self.method if self.bits is None else f"{self.method}+int{self.bits}", capacity=C,
-                     budget=C, sinks=self.sinks, window=self.window)
+                     token_budget=C, sinks=self.sinks, window=self.window)

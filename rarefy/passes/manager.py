@@ -24,12 +24,11 @@ from ..eval.metrics import cosine, max_abs_error, sqnr_db
 from ..ir.calibration import Calibration
 from ..ir.errors import CalibrationError, PassError, RarefyError, VerificationError
 from ..ir.graph import check_graph
+from . import args
 from .base import Pass
 from .report import PassRecord, Report
 
 log = logging.getLogger(__name__)
-
-BUDGET_KEYS = ("min_sqnr_db", "min_cosine", "max_abs_error")
 
 
 @dataclass
@@ -66,7 +65,7 @@ def run_pipeline(graph, passes: list[Pass], calibration=None, evaluation=None, v
     check_graph(graph, "rf.optimize")
     passes = list(passes)
     validate_order(passes)
-    _check_budget(budget)
+    budget = args.budget("rf.optimize", budget)
     calib = Calibration(calibration, getattr(calibration, "description", "user-provided batches")) \
         if calibration is not None else None
     held_out, eval_text = _evaluation_batches(graph, calib, evaluation)
@@ -151,12 +150,6 @@ def _evaluation_batches(graph, calib: Calibration | None, evaluation) -> tuple[l
         "nothing to verify on: give evaluation=[batches] (or calibration with at least two batches), "
         "or pass verify=False"
     )
-
-
-def _check_budget(budget: dict | None) -> None:
-    unknown = set(budget or {}) - set(BUDGET_KEYS)
-    if unknown:
-        raise PassError(f"unknown budget keys {sorted(unknown)}; known: {BUDGET_KEYS}")
 
 
 def _nonfinite_text(record: PassRecord) -> str:

@@ -71,11 +71,11 @@ class SplitOutliers(Pass):
     dialects = ("fx",)
     must_run_before = ("QuantizeActivations", "QuantizeWeights", "MixedPrecision")
 
-    def __init__(self, ratio: float = 6.0, max_fraction: float = 0.01, *, targets=None, ignore=None):
+    def __init__(self, ratio: float = 6.0, max_fraction: float = 0.01, *, targets=None, ignore=None, budget=None):
         """``ratio``: a unit is an outlier above ``ratio`` x the median live unit's max |input|;
         ``max_fraction``: at most this share of an MLP's units is split off (at least one).
         ``targets`` / ``ignore`` select down projections by name."""
-        super().__init__(targets=targets, ignore=ignore)
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
         if not isinstance(ratio, (int, float)) or ratio <= 1:
             raise UnsupportedError(f"SplitOutliers: ratio={ratio!r} must be a number > 1 (LLM.int8()-style: 6)")
         if not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 0.5:

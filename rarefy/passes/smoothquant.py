@@ -79,8 +79,8 @@ class SmoothQuant(Pass):
     dialects = ("fx",)
     must_run_before = ("QuantizeActivations", "QuantizeWeights")
 
-    def __init__(self, alpha: float = 0.5, *, targets=None, ignore=None):
-        super().__init__(targets=targets, ignore=ignore)
+    def __init__(self, alpha: float = 0.5, *, targets=None, ignore=None, budget=None):
+        super().__init__(targets=targets, ignore=ignore, budget=budget)
         if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
             raise UnsupportedError(f"SmoothQuant: alpha={alpha!r} must be a number in [0, 1] (the paper uses 0.5)")
         self.alpha = float(alpha)

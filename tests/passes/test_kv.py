@@ -85,7 +85,7 @@ def test_kivi_write_stores_kivi_codes():
 
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming"])
 def test_budget_covering_the_context_is_exact(step, ids, dense_logits, method):
-    full = rf.optimize(step, [CompressKV(method, budget=CAPACITY)], progress=False)
+    full = rf.optimize(step, [CompressKV(method, token_budget=CAPACITY)], progress=False)
     assert full.report.rows[-1].stats[f"{method}_layers"] == 2
     # exact: nothing is evicted, attention over the same set in another slot order (fp32 reordering)
     torch.testing.assert_close(teacher_forced_logits(full, ids), dense_logits, atol=1e-5, rtol=0)
@@ -94,7 +94,7 @@ def test_budget_covering_the_context_is_exact(step, ids, dense_logits, method):
 
 @pytest.mark.parametrize("method", ["h2o", "snapkv", "streaming"])
 def test_eviction_keeps_the_budget(step, ids, dense_logits, method):
-    small = rf.optimize(step, [CompressKV(method, budget=16)], progress=False)
+    small = rf.optimize(step, [CompressKV(method, token_budget=16)], progress=False)
     assert small.cache_bytes() < step.cache_bytes() / 3
     assert small.meta["decoder"]["max_tokens"] is None  # an evicting cache never fills up
     # runs past its budget; tokens differ from the dense cache but stay finite and correlated
@@ -113,7 +113,7 @@ def test_eviction_keeps_the_budget(step, ids, dense_logits, method):
 
 @pytest.mark.parametrize("method, budget, bits, floor_db", [("h2o", CAPACITY, 4, 25.0), ("streaming", 16, 2, 5.0)])
 def test_eviction_and_quantization_in_one_pass(step, ids, dense_logits, method, budget, bits, floor_db):
-    small = rf.optimize(step, [CompressKV(method, budget=budget, bits=bits, group_size=8)], progress=False)
+    small = rf.optimize(step, [CompressKV(method, token_budget=budget, bits=bits, group_size=8)], progress=False)
     # it fired: per-token codes, slot positions and scores as state
     assert small.sites("kv_cache")[0].info["method"] == f"{method}+int{bits}"
     ops = {n.target for n in small.fx.graph.nodes if n.op == "call_function"}
@@ -126,7 +126,7 @@ def test_eviction_and_quantization_in_one_pass(step, ids, dense_logits, method, 
 
 
 def test_quantize_after_eviction_skips_with_reason(step):
-    out = rf.optimize(step, [CompressKV("h2o", budget=32), CompressKV("quantize", bits=4, group_size=8)],
+    out = rf.optimize(step, [CompressKV("h2o", token_budget=32), CompressKV("quantize", bits=4, group_size=8)],
                       progress=False)
     last = out.report.rows[-1]
     assert last.stats["skipped_already_compressed"] == 2 and "already compressed by h2o" in last.notes[0]
@@ -137,15 +137,26 @@ def test_bad_requests_fail_before_any_work(step):
     with pytest.raises(rf.RarefyError, match="capture_decoder"):
         rf.optimize(plain, [CompressKV("quantize", bits=4)], progress=False)
     with pytest.raises(rf.RarefyError, match="smaller than sinks"):
-        CompressKV("streaming", budget=8, sinks=4, window=8)
+        CompressKV("streaming", token_budget=8, sinks=4, window=8)
     with pytest.raises(rf.RarefyError, match="larger than the cache"):
-        rf.optimize(step, [CompressKV("h2o", budget=CAPACITY + 1)], progress=False)
+        rf.optimize(step, [CompressKV("h2o", token_budget=CAPACITY + 1)], progress=False)
     with pytest.raises(rf.RarefyError, match="bits"):
         CompressKV("quantize", bits=3)
     with pytest.raises(rf.RarefyError, match="unknown method"):
-        CompressKV("pyramid", budget=8)
-    with pytest.raises(rf.RarefyError, match="budget="):
+        CompressKV("pyramid", token_budget=8)
+    with pytest.raises(rf.RarefyError, match="token_budget="):
         CompressKV("h2o")
+
+
+def test_the_token_count_is_token_budget_and_budget_means_the_verification_budget():
+    # budget= is the verification budget on every pass; the old spelling of the token count says the new one
+    with pytest.raises(rf.RecipeError, match=r"CompressKV: the token count per layer is token_budget=32 now"):
+        CompressKV("h2o", budget=32)
+    with pytest.raises(rf.RecipeError, match=r"token_budget=8"):
+        rf.Recipe.from_dict({"passes": [{"pass": "CompressKV", "method": "snapkv", "budget": 8}]})
+    kv = CompressKV("h2o", token_budget=32, budget={"min_sqnr_db": 10})
+    assert kv.token_budget == 32 and kv.budget == {"min_sqnr_db": 10}
+    assert kv.spec() == {"pass": "CompressKV", "method": "h2o", "token_budget": 32, "budget": {"min_sqnr_db": 10}}
 
 
 def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
@@ -154,7 +165,7 @@ def test_compressed_step_exports_and_runs_in_onnxruntime(tmp_path):
     # SnapKV + int4 on layer 2
     passes = [CompressKV("quantize", bits=4, group_size=8, residual=8, targets="*layers.0.*"),
               CompressKV("quantize", bits=2, group_size=8, residual=0, targets="*layers.1.*"),
-              CompressKV("snapkv", budget=12, window=4, bits=4, group_size=8, targets="*layers.2.*")]
+              CompressKV("snapkv", token_budget=12, window=4, bits=4, group_size=8, targets="*layers.2.*")]
     small = rf.optimize(rf.capture_decoder(tiny_llama(layers=3), max_cache_len=32), passes, progress=False)
     assert [r.stats.get("skipped_by_selector") for r in small.report.rows[1:]] == [2, 2, 2]
     path = rf.export_onnx(small, tmp_path / "step.onnx")

@@ -166,6 +166,30 @@ def test_an_exact_pass_with_non_finite_outputs_raises(value):
         rf.optimize(g, [_PoisonExact(value)], calibration=_calibration(), progress=False)
 
 
+@pytest.mark.parametrize("make", [
+    lambda b: _Scale(budget=b),
+    lambda b: rf.passes.QuantizeWeights(bits=8, budget=b),
+    lambda b: rf.passes.EliminateDeadCode(budget=b),
+    lambda b: rf.passes.SmoothQuant(budget=b),
+    lambda b: rf.passes.CompressKV("h2o", token_budget=8, budget=b),
+], ids=["test_pass", "QuantizeWeights", "EliminateDeadCode", "SmoothQuant", "CompressKV"])
+def test_a_pass_rejects_unknown_budget_keys(make):
+    # a misspelt key used to disable the rollback silently
+    with pytest.raises(rf.RecipeError, match=r"budget key 'min_cosin'.*min_sqnr_db, min_cosine, max_abs_error"):
+        make({"min_cosin": 0.9999})
+    with pytest.raises(rf.RecipeError, match=r"budget\['min_sqnr_db'\] must be a number, got '20'"):
+        make({"min_sqnr_db": "20"})
+    assert make({"min_cosine": 0.9999}).budget == {"min_cosine": 0.9999}
+
+
+def test_optimize_rejects_unknown_budget_keys():
+    g, _ = _graph()
+    with pytest.raises(rf.RecipeError, match=r"rf.optimize: unknown budget key 'min_cosin'.*min_cosine"):
+        rf.optimize(g, [_Scale()], calibration=_calibration(), budget={"min_cosin": 0.9}, progress=False)
+    with pytest.raises(rf.RecipeError, match=r"rf.optimize: budget must be a mapping"):
+        rf.optimize(g, [_Scale()], calibration=_calibration(), budget=20, progress=False)
+
+
 def test_pipeline_wide_budget_keeps_passes_within_it():
     g, _ = _graph()
     out = rf.optimize(g, [_Scale(1.001)], calibration=_calibration(), budget={"min_cosine": 0.99}, progress=False)
