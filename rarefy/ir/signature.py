@@ -3,13 +3,15 @@
 A model is called with positional tensors, keyword tensors, or both; rarefy keeps the
 pytree spec of ``(args, kwargs)`` and of the outputs, so every backend accepts the same
 call and returns the same structure. Dimensions that were captured as dynamic are
-``None`` in ``shapes``; every other dimension must match exactly.
+``None`` in ``shapes``; every other dimension must match exactly. ONNX-dialect graphs (an
+ONNX Runtime program) also take numpy arrays, checked like tensors.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils import _pytree as pytree
 
@@ -34,6 +36,14 @@ def split_inputs(inputs: Any) -> tuple[tuple, dict]:
     )
 
 
+def _from_numpy(name: str, value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor):
+        raise InputMismatchError(f"input {name!r} must be a torch.Tensor or a numpy array, got {type(value).__name__}")
+    return value
+
+
 @dataclass
 class Signature:
     """Names, dtypes and shapes of the flattened inputs, and the spec of the outputs."""
@@ -47,7 +57,7 @@ class Signature:
     def flatten(self, args: tuple, kwargs: dict) -> list[torch.Tensor]:
         """Flatten a call into input tensors in signature order, checking each one."""
         if self.in_spec is None:
-            leaves = self._flatten_by_name(args, kwargs)
+            leaves = [_from_numpy(name, v) for name, v in zip(self.names, self._flatten_by_name(args, kwargs))]
         else:
             kwargs = self._order_kwargs(kwargs)
             leaves, spec = pytree.tree_flatten((tuple(args), kwargs))

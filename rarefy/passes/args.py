@@ -66,6 +66,13 @@ def number(who: str, name: str, value: Any, *, low: float | None = None, high: f
     return float(value)
 
 
+def integers(who: str, name: str, value: Any, **limits) -> tuple[int, ...]:
+    """A list or tuple of integers, each checked as ``integer`` (e.g. candidate bit widths)."""
+    if not isinstance(value, (list, tuple)):
+        raise ArgumentError(f"{who}: {name} must be a list of integers, got {_got(value)}")
+    return tuple(integer(who, f"{name}[{i}]", v, **limits) for i, v in enumerate(value))
+
+
 def flag(who: str, name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise ArgumentError(f"{who}: {name} must be True or False, got {_got(value)}")
@@ -75,7 +82,8 @@ def flag(who: str, name: str, value: Any) -> bool:
 def choice(who: str, name: str, value: Any, choices) -> Any:
     """One of ``choices`` (compared by equality and type, so 4.0 is not the bit width 4)."""
     if not any(value == c and type(value) is type(c) for c in choices):
-        raise ArgumentError(f"{who}: {name} must be one of {', '.join(repr(c) for c in choices)}; got {_got(value)}")
+        raise ArgumentError(f"{who}: {name} must be one of {', '.join(repr(c) for c in choices)}; "
+                            f"got {_got(value)}, an unknown {name}")
     return value
 
 

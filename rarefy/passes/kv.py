@@ -55,6 +55,7 @@ from ..ir.decoder import DecoderStep
 from ..ir.errors import ArgumentError, RarefyError
 from ..kernels.kivi import SUPPORTED_BITS
 from ..kernels.kv_cache import EVICTION_METHODS
+from . import args
 from .base import Pass, PassResult
 from .kv_rewrite import StateTensor, rewrite_layer
 
@@ -73,6 +74,13 @@ class CompressKV(Pass):
             raise ArgumentError(f"CompressKV: the token count per layer is token_budget={budget!r} now; budget= is "
                                 f"the verification budget, as on every pass (e.g. {{'min_sqnr_db': 20}})")
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        bits = args.integer(self.name, "bits", bits, optional=True)
+        token_budget = args.integer(self.name, "token_budget", token_budget, optional=True)
+        group_size = args.integer(self.name, "group_size", group_size)
+        residual = args.integer(self.name, "residual", residual)
+        sinks = args.integer(self.name, "sinks", sinks, optional=True)
+        window = args.integer(self.name, "window", window, optional=True)
+        pool = args.integer(self.name, "pool", pool)
         if method not in METHODS:
             raise RarefyError(f"CompressKV: unknown method {method!r}; choose one of {METHODS}")
         self.method, self.bits, self.token_budget = method, bits, token_budget

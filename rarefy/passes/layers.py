@@ -38,6 +38,7 @@ from ..eval.metrics import is_lm_logits, token_nll
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import drop_unused_attrs
 from ..ir.signature import split_inputs
+from . import args
 from .base import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -260,16 +261,15 @@ class DropLayers(Pass):
     def __init__(self, count: int | None = None, fraction: float | None = None, unit: str = "block",
                  metric: str = "cosine", iterative: bool = False, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        count = args.integer(self.name, "count", count, low=0, optional=True)
+        fraction = args.number(self.name, "fraction", fraction, low=0, high=1, high_open=True, optional=True)
+        args.flag(self.name, "iterative", iterative)
         if unit not in UNITS:
             raise UnsupportedError(f"DropLayers: unknown unit {unit!r}; choose one of {UNITS}")
         if metric not in METRICS:
             raise UnsupportedError(f"DropLayers: unknown metric {metric!r}; choose one of {METRICS}")
         if (count is None) == (fraction is None):
             raise UnsupportedError("DropLayers: give exactly one of count= or fraction=")
-        if count is not None and (not isinstance(count, int) or count < 0):
-            raise UnsupportedError(f"DropLayers: count must be a non-negative integer, got {count!r}")
-        if fraction is not None and not 0 <= fraction < 1:
-            raise UnsupportedError(f"DropLayers: fraction must be in [0, 1), got {fraction!r}")
         self.count, self.fraction, self.unit, self.metric, self.iterative = count, fraction, unit, metric, iterative
 
     def plan(self, graph) -> tuple[list[Unit], int, list[str]]:

@@ -63,12 +63,15 @@ def run_pipeline(graph, passes: list[Pass], calibration=None, evaluation=None, v
                  budget: dict | None = None, progress: bool = True):
     """Run ``passes`` over a copy of ``graph``; return the new graph with ``.report`` set."""
     check_graph(graph, "rf.optimize")
+    args.flag("rf.optimize", "verify", verify)
+    args.flag("rf.optimize", "progress", progress)
     passes = list(passes)
     validate_order(passes)
     budget = args.budget("rf.optimize", budget)
     calib = Calibration(calibration, getattr(calibration, "description", "user-provided batches")) \
         if calibration is not None else None
-    held_out, eval_text = _evaluation_batches(graph, calib, evaluation)
+    # verify=False needs no data to verify on (the held-out split stays as it was: same calibration)
+    held_out, eval_text = _evaluation_batches(graph, calib, evaluation) if verify else ([], None)
     if calib is not None and evaluation is None and len(calib) >= 2:
         calib, _ = calib.split_held_out()
     ctx = PassContext(calibration=calib, progress=progress)

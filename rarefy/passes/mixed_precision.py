@@ -44,6 +44,7 @@ from ..ir.calibration import run_lockstep
 from ..ir.errors import PassError, UnsupportedError
 from ..ir.fx_utils import drop_unused_attrs, get_tensor
 from ..ir.signature import split_inputs
+from . import args
 from .base import Pass, PassResult
 from .gptq import SharedHessians, run_gptq
 from .quantize import WEIGHT_BITS, QuantizeWeights, _rewrite_fx, dequantize_blocks, quantize_blocks
@@ -62,7 +63,12 @@ class MixedPrecision(Pass):
                  method: str = "sensitivity", symmetric: bool = True, quantizer: str = "rtn", *,
                  damp: float = 0.01, act_order: bool = True, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        candidates = tuple(sorted(set(candidates)))
+        avg_bits = args.number(self.name, "avg_bits", avg_bits)
+        candidates = tuple(sorted(set(args.integers(self.name, "candidates", candidates))))
+        group_size = args.integer(self.name, "group_size", group_size, optional=True)
+        args.flag(self.name, "symmetric", symmetric)
+        args.flag(self.name, "act_order", act_order)
+        damp = args.number(self.name, "damp", damp, low=0, high=1, low_open=True, high_open=True)
         if not candidates or any(b not in WEIGHT_BITS for b in candidates):
             raise UnsupportedError(f"MixedPrecision: candidates={candidates} must be a non-empty subset of {WEIGHT_BITS}")
         if not candidates[0] <= avg_bits <= candidates[-1]:

@@ -41,6 +41,7 @@ from ..ir.calibration import linear_input_stats
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_tensor, resize_meta, set_tensor, shared_weights
 from ..ir.sites import KEEP_PRECISION, module_path
+from . import args
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -76,11 +77,8 @@ class SplitOutliers(Pass):
         ``max_fraction``: at most this share of an MLP's units is split off (at least one).
         ``targets`` / ``ignore`` select down projections by name."""
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        if not isinstance(ratio, (int, float)) or ratio <= 1:
-            raise UnsupportedError(f"SplitOutliers: ratio={ratio!r} must be a number > 1 (LLM.int8()-style: 6)")
-        if not isinstance(max_fraction, (int, float)) or not 0 < max_fraction <= 0.5:
-            raise UnsupportedError(f"SplitOutliers: max_fraction={max_fraction!r} must be in (0, 0.5]")
-        self.ratio, self.max_fraction = float(ratio), float(max_fraction)
+        self.ratio = args.number(self.name, "ratio", ratio, low=1, low_open=True)  # LLM.int8()-style: 6
+        self.max_fraction = args.number(self.name, "max_fraction", max_fraction, low=0, high=0.5, low_open=True)
 
     def plan(self, graph) -> tuple[list[HiddenUnits], dict[str, str]]:
         """The MLPs whose units can be split, and {down projection name: why not} for the others."""

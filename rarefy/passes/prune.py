@@ -40,6 +40,7 @@ from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor, resize_meta, set_tensor
 from ..ir.onnx_structure import onnx_dependency_groups
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
+from . import args
 from .base import Pass, PassResult
 
 METHODS = ("magnitude", "wanda", "flap")
@@ -56,6 +57,9 @@ class _PruneStructure(Pass):
     def __init__(self, fraction: float = 0.0, method: str = "magnitude", count: int | None = None, *,
                  targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        fraction = args.number(self.name, "fraction", fraction)
+        count = args.integer(self.name, "count", count, optional=True)
+        method = args.choice(self.name, "method", method, METHODS)
         if not 0.0 <= fraction < 1.0:
             raise UnsupportedError(f"{self.name}: fraction={fraction} must be in [0, 1): some units must remain")
         if count is not None and (not isinstance(count, int) or count < 0):

@@ -27,6 +27,7 @@ import torch
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor
 from ..ir.sites import KEEP_PRECISION
+from . import args
 from .base import Pass, PassResult
 
 WEIGHT_BITS = (2, 3, 4, 8)
@@ -142,6 +143,11 @@ class QuantizeWeights(Pass):
         """``damp`` (Hessian damping, a fraction of its mean diagonal) and ``act_order`` (visit
         columns by decreasing Hessian diagonal) apply to ``method="gptq"`` only."""
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        bits = args.integer(self.name, "bits", bits)
+        group_size = args.integer(self.name, "group_size", group_size, optional=True)
+        args.flag(self.name, "symmetric", symmetric)
+        args.flag(self.name, "act_order", act_order)
+        damp = args.number(self.name, "damp", damp, low=0, high=1, low_open=True, high_open=True)
         if bits not in WEIGHT_BITS:
             raise UnsupportedError(f"QuantizeWeights: bits={bits} is not supported; choose one of {WEIGHT_BITS}")
         if group_size is not None and (group_size < 16 or group_size > MAX_BLOCK or group_size & (group_size - 1)):
@@ -151,8 +157,6 @@ class QuantizeWeights(Pass):
             )
         if method not in self.methods():
             raise UnsupportedError(f"QuantizeWeights: unknown method {method!r}; choose one of {self.methods()}")
-        if not 0 < damp < 1:
-            raise UnsupportedError(f"QuantizeWeights: damp={damp} must lie in (0, 1)")
         self.bits, self.group_size, self.symmetric, self.method = bits, group_size, symmetric, method
         self.damp, self.act_order = damp, act_order
         self.needs_calibration = method != "rtn"

@@ -30,6 +30,7 @@ import torch
 
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, drop_unused_attrs, get_attr_node, get_tensor
+from . import args
 from .base import Pass, PassResult
 from .quantize import quantizable_sites
 
@@ -53,6 +54,7 @@ class QuantizeActivations(Pass):
     def __init__(self, bits: int = 8, granularity: str = "token", *, targets=None, ignore=None, budget=None):
         """``granularity``: one activation scale per token (``"token"``) or per tensor (``"tensor"``)."""
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        bits = args.integer(self.name, "bits", bits)
         if granularity not in GRANULARITIES:
             raise UnsupportedError(f"QuantizeActivations: granularity={granularity!r}; choose one of {GRANULARITIES}")
         self.granularity = granularity

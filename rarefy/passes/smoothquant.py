@@ -40,6 +40,7 @@ import torch
 from ..ir.calibration import linear_input_stats
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import add_tensor, get_tensor, set_tensor
+from . import args
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -81,9 +82,7 @@ class SmoothQuant(Pass):
 
     def __init__(self, alpha: float = 0.5, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-            raise UnsupportedError(f"SmoothQuant: alpha={alpha!r} must be a number in [0, 1] (the paper uses 0.5)")
-        self.alpha = float(alpha)
+        self.alpha = args.number(self.name, "alpha", alpha, low=0.0, high=1.0)  # the paper uses 0.5
 
     def requires(self, graph, ctx) -> None:
         groups, _ = self.plan(graph)

@@ -36,6 +36,7 @@ from ..ir.calibration import linear_input_stats, run_lockstep
 from ..ir.errors import UnsupportedError
 from ..ir.fx_utils import (add_tensor, drop_unused_attrs, get_attr_node, get_tensor, set_tensor,
                            shared_weights)
+from . import args
 from .base import Pass, PassResult
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,9 @@ class Sparsify(Pass):
     def __init__(self, sparsity: float | None = 0.5, pattern: str = "unstructured", method: str = "wanda", *,
                  targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
+        sparsity = args.number(self.name, "sparsity", sparsity, low=0, high=1, low_open=True, high_open=True,
+                               optional=True)
+        pattern = args.choice(self.name, "pattern", pattern, tuple(PATTERNS))
         if pattern not in PATTERNS:
             raise UnsupportedError(f"Sparsify: unknown pattern {pattern!r}; choose one of {list(PATTERNS)}")
         if method not in METHODS:

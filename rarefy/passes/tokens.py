@@ -57,7 +57,8 @@ from fractions import Fraction
 
 import torch
 
-from ..ir.errors import PassError, UnsupportedError
+from ..ir.errors import ArgumentError, PassError, UnsupportedError
+from . import args
 from .base import Pass, PassResult
 
 aten = torch.ops.aten
@@ -233,16 +234,12 @@ class PruneTokens(Pass):
     def __init__(self, keep: float, after_layer: int, score: str = "attention", fuse: bool = False,
                  lookahead: bool = False, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        for flag, value in (("fuse", fuse), ("lookahead", lookahead)):
-            if not isinstance(value, bool):
-                raise PassError(f"PruneTokens: {flag} must be True or False, got {value!r}")
-        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not 0 < keep <= 1:
-            raise PassError(f"PruneTokens: keep must be a fraction in (0, 1], got {keep!r}")
-        if isinstance(after_layer, bool) or not isinstance(after_layer, int) or after_layer < 1:
-            raise PassError(f"PruneTokens: after_layer must be an integer >= 1 (blocks run on every token "
-                            f"before pruning), got {after_layer!r}")
+        args.flag(self.name, "fuse", fuse)
+        args.flag(self.name, "lookahead", lookahead)
+        keep = args.number(self.name, "keep", keep, low=0, high=1, low_open=True)
+        after_layer = args.integer(self.name, "after_layer", after_layer, low=1)  # blocks before run on every token
         if score not in ("attention", "cls"):
-            raise PassError(f"PruneTokens: score must be 'attention' (mean over real queries, Zero-TPrune) or 'cls' "
+            raise ArgumentError(f"PruneTokens: score must be 'attention' (mean over real queries, Zero-TPrune) or 'cls' "
                             f"(attention from [CLS], EViT), got {score!r}")
         self.keep, self.after_layer, self.score, self.fuse = float(keep), after_layer, score, fuse
         self.lookahead = lookahead

@@ -28,6 +28,7 @@ import operator
 import torch
 
 from ..ir.errors import PassError, UnsupportedError
+from . import args
 from .base import Pass, PassResult
 from .tokens import TokenRegion, attention_call, call, is_decoder, token_blocks
 
@@ -39,11 +40,8 @@ class MergeTokens(Pass):
 
     def __init__(self, r: int, first_layer: int = 1, *, targets=None, ignore=None, budget=None):
         super().__init__(targets=targets, ignore=ignore, budget=budget)
-        if isinstance(r, bool) or not isinstance(r, int) or r < 0:
-            raise PassError(f"MergeTokens: r must be an integer >= 0 (tokens merged per block), got {r!r}")
-        if isinstance(first_layer, bool) or not isinstance(first_layer, int) or first_layer < 1:
-            raise PassError(f"MergeTokens: first_layer must be an integer >= 1, got {first_layer!r}")
-        self.r, self.first_layer = r, first_layer
+        self.r = args.integer(self.name, "r", r, low=0)  # tokens merged per block
+        self.first_layer = args.integer(self.name, "first_layer", first_layer, low=1)
 
     def check(self, graph, ctx) -> None:
         super().check(graph, ctx)  # run by rf.optimize for every pass before any pass works

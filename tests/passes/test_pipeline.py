@@ -248,3 +248,20 @@ def test_calibration_statistics_are_block_by_block_and_exact():
     assert torch.allclose(s["sum_sq"], (x * x).sum(0), rtol=1e-6)
     assert torch.allclose(s["gram"], x.T @ x, rtol=1e-6, atol=1e-9)
     assert torch.allclose(s["abs_max"], x.abs().amax(0))
+
+
+def test_verify_false_needs_no_verification_data():
+    g, _ = _graph()
+    g.meta.pop("example_inputs")  # nothing to verify on: no evaluation, calibration or example inputs
+    with pytest.raises(rf.CalibrationError, match="nothing to verify on"):
+        rf.optimize(g, [rf.passes.EliminateDeadCode()], progress=False)
+    out = rf.optimize(g, [rf.passes.EliminateDeadCode()], verify=False, progress=False)
+    assert out.report.verified is False and out.report.rows[-1].status == "applied"
+    assert out.report.rows[-1].max_abs_error is None  # not measured, not made up
+
+
+def test_a_single_pass_needs_no_list():
+    g, example = _graph()
+    out = rf.optimize(g, rf.passes.EliminateDeadCode(), progress=False)
+    assert [r.name for r in out.report.rows] == ["<input>", "EliminateDeadCode"]
+    assert out.report.rows[-1].max_abs_error <= 1e-5  # exact pass, fp32 tolerance

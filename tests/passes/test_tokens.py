@@ -287,7 +287,7 @@ def test_chained_merges_export_with_dynamic_length_and_match_onnx_runtime():
                                     {"keep": 0.5, "after_layer": 1, "fuse": "yes"},
                                     {"keep": 0.5, "after_layer": 1, "lookahead": 1}])
 def test_bad_prune_arguments(kwargs):
-    with pytest.raises(PassError):
+    with pytest.raises(rf.RecipeError, match="PruneTokens: "):
         PruneTokens(**kwargs)
 
 
@@ -297,7 +297,7 @@ def test_bad_requests_on_graphs_fail_before_any_work():
         rf.optimize(graph, [MergeTokens(r=1), PruneTokens(keep=0.5, after_layer=2)], progress=False)
     with pytest.raises(PassError, match="beyond the depth"):
         rf.optimize(graph, [MergeTokens(r=1, first_layer=2)], progress=False)
-    with pytest.raises(PassError):
+    with pytest.raises(rf.RecipeError, match="MergeTokens: r must be an integer >= 0"):
         MergeTokens(r=-1)
     llama, _ = _capture("llama")
     with pytest.raises(UnsupportedError, match="encoders"):
