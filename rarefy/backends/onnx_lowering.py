@@ -26,7 +26,7 @@ from onnx import defs
 
 from ..ir.errors import RarefyError, UnsupportedError
 from ..ir.graph import Graph, check_graph
-from ..ir.io import atomic_path, atomic_write_text
+from ..ir.io import atomic_path
 from .onnx_cleanup import without_softmax_nan_guards
 
 log = logging.getLogger(__name__)
@@ -151,23 +151,28 @@ class _FirstOutputGuard:
         return str(self.inner)
 
 
-def _guard_multi_output_rules() -> int:
+@contextlib.contextmanager
+def guarded_multi_output_rules():
     """Guard the matchers of onnxscript's default multi-output rules (the ones
-    ``torch.onnx.export(optimize=True)`` runs), once; returns how many are guarded."""
+    ``torch.onnx.export(optimize=True)`` runs) inside the block, and put the originals back after
+    it: rarefy's own exports get the linear-time matcher, while importing rarefy leaves
+    onnxscript's global rules alone. Yields how many rules are guarded; nesting adds no guard."""
     from onnxscript import rewriter
 
-    guarded = 0
+    swapped, guarded = [], 0
     for rule in getattr(rewriter, "_DEFAULT_REWRITE_RULES", ()):
         matcher = getattr(rule, "_matcher", None)
         if matcher is None or len(getattr(getattr(matcher, "pattern", None), "output_nodes", ())) < 2:
             continue
         if not isinstance(matcher, _FirstOutputGuard):
             rule._matcher = _FirstOutputGuard(matcher)
+            swapped.append((rule, matcher))
         guarded += 1
-    return guarded
-
-
-_guard_multi_output_rules()
+    try:
+        yield guarded
+    finally:
+        for rule, matcher in swapped:
+            rule._matcher = matcher
 
 
 # -- export -------------------------------------------------------------------------------------
@@ -187,7 +192,7 @@ def to_onnx_model(graph: Graph) -> onnx.ModelProto:
     dynamic_shapes = {name: ({axis: Dim.DYNAMIC for axis in axes} if axes else None) for name, axes in dims.items()}
     sink = io.StringIO()
     try:
-        with contextlib.redirect_stdout(sink):
+        with contextlib.redirect_stdout(sink), guarded_multi_output_rules():
             ep = torch.export.export(_decomposed(graph.fx), tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes or None,
                                      strict=False)
             program = torch.onnx.export(ep, dynamo=True, custom_translation_table=dict(TRANSLATIONS),
@@ -230,7 +235,9 @@ def _find_untranslated(graph: Graph) -> list[str]:
 
 
 def export_onnx(graph: Graph, path, check: bool = True) -> Path:
-    """Write ``graph`` as an ONNX file, atomically, with recipe.json and report.json beside it."""
+    """Write ``graph`` as an ONNX file with recipe.json and report.json beside it, together or
+    not at all (a full disk leaves the previous files as they were); a graph without a report
+    removes a report.json left there by an earlier export."""
     check_graph(graph, "rf.export_onnx")
     path = Path(path)
     if path.suffix != ".onnx":
@@ -240,12 +247,15 @@ def export_onnx(graph: Graph, path, check: bool = True) -> Path:
     proto = to_onnx_model(graph)
     if check:
         onnx.checker.check_model(proto)
-    with atomic_path(path, ".onnx") as tmp:
-        onnx.save_model(proto, str(tmp))
     recipe = {"source": graph.meta.get("source"), "passes": graph.recipe}
-    atomic_write_text(path.parent / "recipe.json", json.dumps(recipe, indent=2))
-    if graph.report is not None:
-        graph.report.save(path.parent / "report.json")
+    sidecars = {"recipe.json": recipe} | ({"report.json": graph.report.to_dict()} if graph.report is not None else {})
+    # every file goes to its temporary first; only when all are written are they moved into place
+    with contextlib.ExitStack() as stack:
+        onnx.save_model(proto, str(stack.enter_context(atomic_path(path, ".onnx"))))
+        for name, document in sidecars.items():
+            stack.enter_context(atomic_path(path.parent / name)).write_bytes(json.dumps(document, indent=2).encode())
+    if graph.report is None:
+        (path.parent / "report.json").unlink(missing_ok=True)  # it would describe another model
     return path
 
 

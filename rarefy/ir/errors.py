@@ -41,3 +41,12 @@ class ArgumentError(RecipeError, UnsupportedError):
     """A pass or a pipeline got an argument of the wrong type, outside its range or unknown;
     the message names the pass (or function), the argument, what it takes and what came.
     A RecipeError (a recipe can carry the value) and an UnsupportedError (no pass handles it)."""
+
+
+class WriteError(RarefyError, OSError):
+    """A file could not be written (a full disk, no permission, a file in the way); the message
+    names the path and nothing partial is left behind. Also an OSError, with its ``errno``."""
+
+    def __init__(self, message: str, errno: int | None = None):
+        super().__init__(message)
+        self.errno = errno

@@ -1,4 +1,8 @@
-"""Atomic writes: a file appears whole or not at all, and a failed write names the path."""
+"""Atomic writes: a file appears whole or not at all, and a failed write names the path.
+
+Any OSError while the temporary file is written (ENOSPC: a full disk) removes it and becomes a
+``WriteError`` naming the target; the previous file at the path, if any, is left as it was.
+"""
 from __future__ import annotations
 
 import os
@@ -6,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import RarefyError
+from .errors import RarefyError, WriteError
 
 
 @contextmanager
@@ -21,13 +25,15 @@ def atomic_path(path, suffix: str = ""):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; artifacts get ordinary file permissions
     except OSError as exc:
-        raise RarefyError(f"cannot write {path}: {exc.strerror or exc}") from exc
+        raise WriteError(f"cannot write {path}: {exc.strerror or exc}", exc.errno) from exc
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, RarefyError):
+            raise WriteError(f"cannot write {path}: {exc.strerror or exc}", exc.errno) from exc
         raise
 
 
