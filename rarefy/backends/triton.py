@@ -1,7 +1,8 @@
 """The Triton backend: the FX graph with every rarefy op swapped for its Triton kernel.
 
-Kernels need a GPU, or ``TRITON_INTERPRET=1`` set before ``rarefy.kernels`` is first
-imported (the interpreter runs them on CPU tensors, slowly: for correctness, not speed).
+Kernels need triton (an optional extra: ``pip install 'rarefy[triton]'``) and a GPU, or
+``TRITON_INTERPRET=1`` set before ``rarefy.kernels`` is first imported (the interpreter runs
+them on CPU tensors, slowly: for correctness, not speed).
 Ops without a kernel keep their torch reference, and ``kernels_used`` / ``fallbacks`` say
 which is which.
 """
@@ -43,6 +44,11 @@ def _resolve(path: str):
 
 
 def check_triton_available() -> None:
+    from ..kernels._triton import AVAILABLE
+
+    if not AVAILABLE:
+        raise UnsupportedError("the triton backend needs triton, an optional extra of rarefy: "
+                               "pip install 'rarefy[triton]' (the torch and onnxruntime backends run without it)")
     if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
         return
     raise UnsupportedError(

@@ -38,8 +38,8 @@ import math
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # stand-ins when triton, an optional extra, is absent
 
 from .kivi import dequantize_keys, dequantize_values
 

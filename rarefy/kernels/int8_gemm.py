@@ -37,8 +37,8 @@ epilogue vector, so no second GEMM kernel is needed.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # stand-ins when triton, an optional extra, is absent
 
 from .matmul_nbits import _interpreting
 

@@ -47,8 +47,8 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # stand-ins when triton, an optional extra, is absent
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 

@@ -46,8 +46,8 @@ dense W to memory.
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
+
+from ._triton import tl, triton  # stand-ins when triton, an optional extra, is absent
 
 from .matmul_nbits import _dot, _interpreting, dot_code, interpreter_blocks, pack_bits, unpack_bits
 
