@@ -7,9 +7,11 @@ Per row and thread count:
 
 * decode tokens/s = (NEW - 1) / wall time of those decode steps (prefill excluded);
 * prefill ms = wall time from handing over the prompt to the first new token;
-* peak RSS = ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of a child process that runs only
-  that runtime (import, load, one warm-up generation of 8 + 4 tokens, the timed generation),
-  so each runtime's memory is its own (memory-mapped weight pages it touched count);
+* peak RSS = VmHWM of a child process that runs only that runtime (import, load, one warm-up
+  generation of 8 + 4 tokens, the timed generation), so each runtime's memory is its own
+  (memory-mapped weight pages it touched count). Not ``getrusage(RUSAGE_SELF).ru_maxrss``: Linux
+  folds the forked copy of the parent's address space into it at exec, so every child reported
+  the parent's ~1.5 GB;
 * artifact MB = the model files (``model.onnx`` + ``model.onnx.data``, the ``.gguf``, or the
   ``model.safetensors``), not the tokenizer;
 * the bound: weight bytes read per decoded token (every weight tensor of the artifact, except a
@@ -58,6 +60,7 @@ LLAMA_VERSION = "0.3.36"
 LLAMA_PY = BENCH / "llamacpp" / "bin" / "python"
 LLAMA_SRC = BENCH / "src" / f"llama_cpp_python-{LLAMA_VERSION}" / "vendor" / "llama.cpp"
 PROMPT, NEW, PPL_LEN, PPL_WINDOWS = 512, 128, 512, 4
+CAL_BATCHES = 8  # GPTQ calibration: 8 x 512 tokens (32 took over 15 minutes per group size on this loaded machine)
 GROUPS = (32, 64, 128)
 GGUF_TYPES = ("F32", "Q8_0", "Q4_0", "Q4_K_M")
 # Llama-3.2-1B's shape (random weights): speed rows only
@@ -172,7 +175,7 @@ def build(model: str, rows: list[dict], quick: bool) -> dict:
     if rarefy_rows:
         net, tok = hf_model_and_tokenizer(model)
         graph = rf.capture_causal_lm(net)
-        n_cal = 4 if quick else 32
+        n_cal = 4 if quick else CAL_BATCHES
         calibration = token_batches(tok, "pydoc", "calibration", n_batches=n_cal, batch_size=1, seq_len=512)
         evaluation = token_batches(tok, "kjv", "evaluation", n_batches=1, batch_size=1, seq_len=512)
         made["calibration"] = f"{describe('pydoc', 'calibration')}: {n_cal} x 512 tokens (GPTQ only)"
@@ -210,7 +213,7 @@ def build(model: str, rows: list[dict], quick: bool) -> dict:
             f32 = path.with_name("f32.gguf")
             path.parent.mkdir(parents=True, exist_ok=True)
             if not f32.exists():
-                env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(LLAMA_SRC / "gguf-py")}
+                env = {**(llama_env() if spec.get("runtime") == "llamacpp" else os.environ), "HF_HUB_OFFLINE": "1", "PYTHONPATH": f"{LLAMA_SRC / 'gguf-py'}:{BENCH / 'convert_deps'}"}
                 subprocess.run([sys.executable, str(LLAMA_SRC / "convert_hf_to_gguf.py"), str(folder),
                                 "--outtype", "f32", "--outfile", str(f32)], check=True, env=env,
                                stdout=subprocess.DEVNULL)
@@ -218,7 +221,7 @@ def build(model: str, rows: list[dict], quick: bool) -> dict:
                 code = ("import llama_cpp, sys; q = llama_cpp.llama_model_quantize_default_params(); "
                         f"q.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_{path.stem.upper()}; "
                         f"sys.exit(llama_cpp.llama_model_quantize(b'{f32}', b'{path}', q))")
-                subprocess.run([str(LLAMA_PY), "-c", code], check=True)
+                subprocess.run([str(LLAMA_PY), "-c", code], check=True, env=llama_env())
         else:
             continue
         made[row["name"]] = {"build_s": time.perf_counter() - start}
@@ -298,9 +301,19 @@ def child(spec: dict) -> dict:
         return {"bandwidth_gb_s": 2 * src.nbytes / best / 1e9}
     fn = {"transformers": _transformers, "genai": _genai, "llamacpp": _llamacpp}[spec["runtime"]]
     out = fn(spec, np)
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
+    # ru_maxrss is not the child's own: exec folds the forked copy of the parent's pages into it
+    out["ru_maxrss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out["os_threads"] = len(os.listdir("/proc/self/task"))  # a check that the thread setting took
     return out
+
+
+def peak_rss_mb() -> float:
+    """This process's own resident high-water mark (VmHWM: per address space, so exec resets it)."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _timed(fn) -> float:
@@ -427,15 +440,21 @@ def _llamacpp(spec, np) -> dict:
             nll, n = nll + a, n + b
         return {"ppl": float(np.exp(nll / n))}
 
+    n_vocab = llm.n_vocab()
+
+    def greedy() -> int:  # without logits_all, eval() keeps no scores: read the last row from the context
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(n_vocab,))
+        return int(np.argmax(row))
+
     def generate(ids, new):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tokens = [int(np.argmax(llm.scores[llm.n_tokens - 1]))]
+        tokens = [greedy()]
         t1 = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([tokens[-1]])
-            tokens.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
+            tokens.append(greedy())
         return t0, t1, time.perf_counter(), tokens
 
     generate(spec["windows"][0][:8], 4)
@@ -443,11 +462,17 @@ def _llamacpp(spec, np) -> dict:
     return _speed_result(t0, t1, t2, tokens, spec["new"])
 
 
-def run_child(spec: dict, threads: int, timeout: int = 900) -> dict:
+def llama_env() -> dict:
+    """The environment for llama.cpp's venv: its libraries' own folder on the loader's path."""
+    lib = next(iter(sorted((BENCH / "llamacpp" / "lib").glob("python*/site-packages/llama_cpp/lib"))), None)
+    return {**os.environ, "LD_LIBRARY_PATH": str(lib)} if lib else dict(os.environ)
+
+
+def run_child(spec: dict, threads: int, timeout: int = 1800, cores: str | None = None) -> dict:
     """Run ``spec`` in a fresh process of the runtime's venv, pinned (1 thread: core 1)."""
     python = str(LLAMA_PY) if spec.get("runtime") == "llamacpp" else sys.executable
-    cores = "1" if threads == 1 else ",".join(str(c) for c in range(threads))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAREFY_BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+    cores = cores or ("1" if threads == 1 else ",".join(str(c) for c in range(threads)))
+    env = {**(llama_env() if spec.get("runtime") == "llamacpp" else os.environ), "HF_HUB_OFFLINE": "1", "RAREFY_BENCH_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(["taskset", "-c", cores, python, __file__, "--child", json.dumps({**spec, "threads": threads})],
                           capture_output=True, text=True, env=env, timeout=timeout)
@@ -493,9 +518,13 @@ def describe_run(result: dict) -> str:
             f"the decode steps after the first token (prefill excluded); prefill ms = prompt to first token. "
             f"Each number is the median of interleaved rounds (every row once per round), every run a fresh child "
             f"process pinned with taskset (1 thread: core 1; 2 threads: cores 0-1), after an 8 + 4 token warm-up; "
-            f"peak RSS is the child's ru_maxrss (import + load + both generations). Machine: {result.get('machine')} "
-            f"({result.get('cpu')}); versions {result.get('versions')}. Core 0 was busy with another engineer's work "
-            f"during every run, so the 2-thread columns are noisy (their per-round values are in decode.json). "
+            f"peak RSS is the child's own VmHWM (import + load + both generations; not getrusage's ru_maxrss, "
+            f"which after fork + exec still holds the parent's pages: it read ~1490 MB for every child). Machine: {result.get('machine')} "
+            f"({result.get('cpu')}); versions {result.get('versions')}. The machine was shared during every run: "
+            f"another engineer's test processes (not pinned: both cores) kept the 1-minute load average at "
+            f"{result.get('load_average_range', '?')} (recorded per run in decode.json), so absolute tokens/s are low "
+            f"and noisy, ratios between rows of the same rounds are the usable result, and the 2-thread columns "
+            f"are the noisiest. "
             f"Bound = memory bandwidth / weight bytes read per token (the artifact's weight tensors; a table only "
             f"gathered from is left out; the KV cache read is not counted); the bandwidth, {bw or 0:.1f} GB/s, is "
             f"measured in the benchmark: a 1 GiB numpy copy on core 1, bytes read + written per second, best of 5. "
@@ -504,7 +533,7 @@ def describe_run(result: dict) -> str:
             f"forward) on {PPL_WINDOWS} windows of {PPL_LEN} tokens of the same evaluation split (the prompt is the "
             f"first). '= transformers tokens': how many of the {NEW} greedy tokens (1 thread) equal transformers "
             f"fp32's before the first difference. GPTQ rows are calibrated on Python's documentation (pydoc topics, "
-            f"calibration split, 32 x 512 tokens) and evaluated on the Bible: cross-domain. rarefy int4 rows use "
+            f"calibration split, {CAL_BATCHES} x 512 tokens) and evaluated on the Bible: cross-domain. rarefy int4 rows use "
             f"QuantizeWeights' defaults (symmetric; every linear including the tied lm_head is int4, the fp32 "
             f"embedding table stays beside it for the Gather); acc0 = MatMulNBits accuracy_level 0 (rarefy's "
             f"default: fp32 activations), acc4 = accuracy_level 4 (int8 activations), set by the benchmark on every "
@@ -595,6 +624,16 @@ def main() -> None:
     out = RESULTS / ("decode_quick.json" if args.quick else "decode.json")
     result = json.loads(out.read_text()) if out.exists() else {"models": {}}
     model = result["models"].setdefault(args.model, {"rows": {}})
+
+    def save() -> None:  # merge into the file as it is now: runs on the other model may have written it
+        now = json.loads(out.read_text()) if out.exists() else {"models": {}}
+        now.update({k: v for k, v in result.items() if k != "models"})
+        target = now["models"].setdefault(args.model, {"rows": {}})
+        target.update({k: v for k, v in model.items() if k != "rows"})
+        for name, row in model["rows"].items():  # by key: a ppl run and a speed run may overlap
+            target["rows"].setdefault(name, {}).update(row)
+        out.write_text(json.dumps(now, indent=1))
+        out.with_suffix(".md").write_text(markdown(now))
     if args.part in ("build", "all"):
         model.setdefault("build", {}).update(build(args.model, rows, args.quick))
     windows = eval_windows(args.quick)
@@ -605,15 +644,18 @@ def main() -> None:
             entry.update(sizes(row))
     if args.part in ("ppl", "all") and args.model == "smollm2":
         for row in rows:
+            if "ppl" in model["rows"][row["name"]] or not Path(row["path"]).exists():
+                continue  # measured before (the artifact is the same file), or not built
             r = run_child({"mode": "ppl", "runtime": row["runtime"], "path": row["path"], "windows": windows,
-                           "new": 0}, threads=2)
+                           "new": 0}, threads=1, cores="0")  # untimed: core 0, beside the timed runs on core 1
             model["rows"][row["name"]].update({"ppl": r["ppl"]} if "ppl" in r else {"ppl_error": r["error"]})
             print(row["name"], r, flush=True)
-            out.write_text(json.dumps(result, indent=1))
+            save()
     if args.part in ("speed", "all"):
         result.update(environment())
         result["bandwidth_gb_s"] = run_child({"mode": "bandwidth"}, threads=1)["bandwidth_gb_s"]
         prompt = [windows[0][: min(PROMPT, len(windows[0]))]]
+        rows = [r for r in rows if Path(r["path"]).exists()]
         runs = {r["name"]: {} for r in rows}
         for round_ in range(1 if args.quick else args.rounds):
             for threads in [int(t) for t in args.threads.split(",")]:
@@ -624,15 +666,16 @@ def main() -> None:
                     runs[row["name"]].setdefault(str(threads), []).append(r)
                     print(round_, threads, row["name"], {k: v for k, v in r.items() if k != "tokens"}, flush=True)
                     summarize(model["rows"][row["name"]], runs[row["name"]])
-                out.write_text(json.dumps(result, indent=1))
+                save()
+        loads = [r["load_average"] for v in runs.values() for rs in v.values() for r in rs]
+        result["load_average_range"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
         reference = model["rows"].get("transformers fp32", {}).get("speed", {}).get("1", {}).get("tokens")
         for entry in model["rows"].values():
             tokens = entry.get("speed", {}).get("1", {}).get("tokens")
             if reference and tokens:
                 entry["agreement"] = common_prefix(reference, tokens)
         model.update({"prompt_tokens": len(prompt[0]), "new_tokens": args.new})
-    out.write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(markdown(result))
+    save()
 
 
 if __name__ == "__main__":
