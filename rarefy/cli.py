@@ -1,6 +1,7 @@
 """The ``rarefy`` command.
 
-    rarefy optimize MODEL [--recipe FILE | --pass SPEC ...] -o DIR
+    rarefy optimize MODEL [--recipe FILE | --pass SPEC ...] [--decoder] -o DIR
+    rarefy generate DIR --prompt TEXT [--max-new-tokens N]
     rarefy report DIR
     rarefy passes [NAME]
 
@@ -10,7 +11,10 @@ real text from ``rarefy.eval.data`` (by default: calibrate on the pydoc calibrat
 verify on the kjv evaluation split), tokenized by the model's own tokenizer; a model
 without one (an ONNX file or a folder with no tokenizer) gets random inputs that fit its
 signature, and the report says so. ``optimize`` writes ``DIR/model.onnx``,
-``DIR/recipe.json`` and ``DIR/report.json`` all together or not at all. An output directory
+``DIR/recipe.json`` and ``DIR/report.json`` all together or not at all. With ``--decoder`` a
+causal LM is captured as the decoder-with-past graph (``rf.capture_causal_lm``) and DIR
+becomes a folder ONNX Runtime GenAI runs (``rf.export_decoder``: model, genai_config.json,
+configs, tokenizer); ``generate`` streams greedy text from such a folder. An output directory
 that cannot be written is reported before any model is loaded. rarefy's own errors print
 one line, ``rarefy: error: ...``, and exit with status 2; progress goes to stderr.
 """
@@ -47,20 +51,21 @@ def cmd_optimize(args) -> int:
     recipe = _recipe_from_args(args)
     out_dir, created = _prepare_output_dir(Path(args.output))
     try:
-        graph, tokenizer, vocab = _load_model(args.model)
+        graph, tokenizer, vocab = _load_model(args.model, decoder=args.decoder)
         sections = {kind: _section(getattr(recipe, kind), kind, args) for kind in ("calibration", "evaluation")}
         calibration, evaluation = (_data(graph, tokenizer, vocab, sections[kind]) for kind in sections)
         log.info("optimizing with %s", ", ".join(repr(p) for p in recipe.passes) or "no passes")
         result = rf.optimize(graph, recipe, calibration=calibration, evaluation=evaluation,
                              verify=not args.no_verify, progress=not args.quiet)
         applied = Recipe(result.recipe, sections["calibration"], sections["evaluation"], graph.meta.get("source"))
-        _write_artifacts(result, applied, out_dir)
+        written = (_write_decoder(result, applied, tokenizer, out_dir) if args.decoder
+                   else _write_artifacts(result, applied, out_dir))
     except BaseException:
         for path in reversed(created):  # directories this run made and left empty
             _remove_if_empty(path)
         raise
     sys.stdout.write(result.report.table() + "\n\n")
-    sys.stdout.write("wrote " + ", ".join(str(out_dir / name) for name in ARTIFACTS) + "\n")
+    sys.stdout.write("wrote " + ", ".join(str(out_dir / name) for name in written) + "\n")
     return 0
 
 
@@ -87,7 +92,7 @@ def _prepare_output_dir(out_dir: Path) -> tuple[Path, list[Path]]:
     return out_dir, created
 
 
-def _write_artifacts(graph, recipe: Recipe, out_dir: Path) -> None:
+def _write_artifacts(graph, recipe: Recipe, out_dir: Path) -> tuple[str, ...]:
     """Export into a staging folder inside ``out_dir``, then move the three files into place."""
     staging = Path(tempfile.mkdtemp(prefix=".rarefy-staging-", dir=out_dir))
     try:
@@ -99,6 +104,23 @@ def _write_artifacts(graph, recipe: Recipe, out_dir: Path) -> None:
             os.replace(staging / name, out_dir / name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return ARTIFACTS
+
+
+def _write_decoder(graph, recipe: Recipe, tokenizer, out_dir: Path) -> list[str]:
+    """The GenAI folder, exported whole into a staging folder, then moved into ``out_dir``."""
+    staging = Path(tempfile.mkdtemp(prefix=".rarefy-staging-", dir=out_dir))
+    try:
+        log.info("exporting the decoder for ONNX Runtime GenAI")
+        folder = rf.export_decoder(graph, staging / "decoder", tokenizer=tokenizer,
+                                   generation_config=graph.meta.get("generation_config"))
+        recipe.save(folder / "recipe.json")
+        names = sorted(p.name for p in folder.iterdir())
+        for name in names:
+            os.replace(folder / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return names
 
 
 def _remove_if_empty(path: Path) -> None:
@@ -109,24 +131,28 @@ def _remove_if_empty(path: Path) -> None:
 
 
 # -- models --------------------------------------------------------------------------------------
-def _load_model(name: str):
+def _load_model(name: str, decoder: bool = False):
     """``(graph, tokenizer or None, vocab size or None)`` for an ONNX file, HF folder or bundled name."""
     path = Path(name)
+    capture = _capture_decoder if decoder else _capture
     if name in BUNDLED and not path.exists():
         from .models import load_bundled
 
         log.info("loading bundled model %s", name)
         try:
-            model, tokenizer = load_bundled(name)
+            model, tokenizer = load_bundled(name, **({"attn_implementation": None} if decoder else {}))
         except ImportError as exc:
             raise LoadError(f"bundled model {name}: {exc}") from exc
-        return _capture(model, tokenizer, model.config.vocab_size), tokenizer, model.config.vocab_size
+        return capture(model, tokenizer, model.config.vocab_size), tokenizer, model.config.vocab_size
     if path.is_file():
+        if decoder:
+            raise LoadError(f"--decoder captures a Hugging Face causal LM (a folder or a bundled name); {path} is "
+                            f"a file")
         log.info("loading ONNX file %s", path)
         return rf.load(path), _tokenizer_beside(path.parent), None
     if path.is_dir() and (path / "config.json").is_file():
         model, tokenizer = _load_hf_folder(path)
-        return _capture(model, tokenizer, model.config.vocab_size), tokenizer, model.config.vocab_size
+        return capture(model, tokenizer, model.config.vocab_size), tokenizer, model.config.vocab_size
     raise LoadError(
         f"{name} is not an ONNX file, a Hugging Face model folder (with config.json) or a bundled model "
         f"({', '.join(BUNDLED)})"
@@ -160,6 +186,18 @@ def _tokenizer_beside(folder: Path):
         return None
 
 
+def _capture_decoder(model, tokenizer, vocab: int):
+    from .backends.onnx_decoder import genai_config
+
+    if tokenizer is None:
+        raise LoadError(f"--decoder: {type(model).__name__} has no tokenizer beside it; the decoder folder needs "
+                        f"one (ONNX Runtime GenAI reads tokenizer.json)")
+    log.info("capturing %s with its KV cache", type(model).__name__)
+    graph = rf.capture_causal_lm(model)
+    genai_config(graph)  # a model GenAI cannot describe fails here, before any calibration
+    return graph
+
+
 def _capture(model, tokenizer, vocab: int):
     example = _token_batches(tokenizer, vocab, {"source": "pydoc", "split": "calibration", "batches": 1,
                                                 "batch_size": 2, "seq_len": 16}, None)
@@ -186,7 +224,8 @@ def _section(section: dict | None, kind: str, args) -> dict:
 def _data(graph, tokenizer, vocab, section: dict) -> rf.Calibration:
     if graph.dialect == "onnx" and tokenizer is None:
         return _random_batches(graph, section)
-    return _token_batches(tokenizer, vocab, section, graph.signature.names)
+    causal_lm = "causal_lm" in graph.meta  # takes {input_ids, attention_mask}; fills in positions and past
+    return _token_batches(tokenizer, vocab, section, None if causal_lm else graph.signature.names)
 
 
 def _token_batches(tokenizer, vocab, section: dict, names: list[str] | None) -> rf.Calibration:
@@ -244,6 +283,21 @@ def _gather_bounds(graph) -> dict[str, int]:
                 rows = table.const_value.shape[0]
                 bounds[index.name] = min(bounds.get(index.name, rows), rows)
     return bounds
+
+
+# -- generate --------------------------------------------------------------------------------------
+def cmd_generate(args) -> int:
+    from .deploy import generate_text
+
+    def stream(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    result = generate_text(args.dir, args.prompt, args.max_new_tokens, on_text=stream, threads=args.threads)
+    sys.stdout.write("\n")
+    sys.stderr.write(f"rarefy: prompt {result.prompt_tokens} tokens, prefill {result.prefill_s * 1e3:.1f} ms; "
+                     f"{len(result.tokens)} new tokens, decode {result.decode_tokens_per_s:.1f} tokens/s\n")
+    return 0
 
 
 # -- report and passes -----------------------------------------------------------------------------
@@ -317,8 +371,17 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--batch-size", type=int, help="rows per batch")
     opt.add_argument("--seq-len", type=int, help="tokens per row")
     opt.add_argument("--no-verify", action="store_true", help="skip measuring each pass against the original")
+    opt.add_argument("--decoder", action="store_true",
+                     help="a causal LM with its KV cache: write a folder ONNX Runtime GenAI runs")
     opt.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     opt.set_defaults(func=cmd_optimize)
+
+    gen = sub.add_parser("generate", help="greedy text from a decoder folder, in ONNX Runtime GenAI")
+    gen.add_argument("dir", help="a folder written by `rarefy optimize --decoder`")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
+    gen.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: its own)")
+    gen.set_defaults(func=cmd_generate, quiet=False)
 
     rep = sub.add_parser("report", help="print the report saved by `rarefy optimize`")
     rep.add_argument("dir", help="an output directory or a report.json")
@@ -336,6 +399,10 @@ def _configure_logging(quiet: bool) -> None:
     handler.setFormatter(logging.Formatter("rarefy: %(message)s"))
     logging.basicConfig(level=logging.ERROR, handlers=[handler])
     logging.getLogger("rarefy").setLevel(logging.WARNING if quiet else logging.INFO)
+    if quiet:  # transformers' own bars (loading weights, writing shards) too
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)  # library deprecation chatter
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

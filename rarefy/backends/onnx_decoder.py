@@ -24,7 +24,7 @@ from typing import Any
 
 import onnx
 
-from ..ir.causal_lm import CausalLM
+from ..ir.causal_lm import CausalLM, without_unread_caches
 from ..ir.errors import RarefyError, UnsupportedError
 from ..ir.graph import check_graph
 
@@ -39,6 +39,7 @@ def decoder_proto(graph: CausalLM) -> onnx.ModelProto:
     """The ONNX model of ``graph`` with the contract's input and output names."""
     from .onnx_lowering import to_onnx_model
 
+    graph = without_unread_caches(graph)
     proto = to_onnx_model(graph)
     names = graph.signature.names
     outputs = graph.meta["causal_lm"]["outputs"]
@@ -71,6 +72,10 @@ def genai_config(graph: CausalLM, generation: dict | None = None, context_length
         raise UnsupportedError(f"rf.export_decoder: ONNX Runtime GenAI has no decoder-only model type "
                                f"{model_type!r} (it runs {', '.join(GENAI_MODEL_TYPES)}); the genai_config.json "
                                f"cannot describe this model")
+    if geo.get("kv_heads_per_layer"):
+        raise UnsupportedError(f"rf.export_decoder: the layers keep different numbers of KV heads "
+                               f"({geo['kv_heads_per_layer']}); GenAI's config takes one num_key_value_heads "
+                               f"for every layer (prune the same fraction in every block)")
     generation = generation or {}
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     bos = generation.get("bos_token_id", config.get("bos_token_id"))
@@ -127,8 +132,11 @@ def export_decoder(graph: CausalLM, out_dir, tokenizer: Any = None, generation_c
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RarefyError(f"rf.export_decoder: {out_dir} exists and is not a directory")
-    generation = _as_dict(generation_config)
-    config_json = genai_config(graph, generation)  # before the export: a model GenAI cannot run fails fast
+    generation = _as_dict(generation_config if generation_config is not None
+                          else graph.meta.get("generation_config"))
+    genai_config(graph, generation)  # before the export: a model GenAI cannot run fails fast
+    graph = without_unread_caches(graph)  # a layer DropLayers bypassed has no cache
+    config_json = genai_config(graph, generation)
     proto = decoder_proto(graph)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -63,3 +63,21 @@ def _linear_w8a8_tensor(x, w_q, w_scale, bias):
 def dequant_matmul_nbits(x, qweight, scales, zero_points, bias, K, N, bits, block_size):
     """The 3-bit path of ``rarefy::matmul_nbits`` (called by its MatMulNBits translation)."""
     return onnx_quant.dequant_matmul(ScriptBuilder(), x, qweight, scales, zero_points, bias, K, N, bits, block_size)
+
+
+contrib_schema(
+    "GatherBlockQuantized",
+    inputs=[("data", "T1", False), ("indices", "Tind", False), ("scales", "T2", False),
+            ("zero_points", "T1", True)],
+    outputs=[("output", "T2")],
+    types=[("T1", ["tensor(uint8)", "tensor(int4)", "tensor(uint4)"]),
+           ("T2", ["tensor(float)", "tensor(float16)", "tensor(bfloat16)"]), ("Tind", ["tensor(int32)", "tensor(int64)"])],
+    attributes=[("gather_axis", "int", False), ("quantize_axis", "int", False), ("block_size", "int", False),
+                ("bits", "int", False)],
+)
+
+
+@onnx_translation(torch.ops.rarefy.embedding_nbits.default)
+def _embedding_nbits(ids, qweight, scales, zero_points, K, N, bits, block_size):
+    return onnx_quant.embedding_nbits(ScriptBuilder(), ids, qweight, scales, zero_points, K, N, bits, block_size)
+

@@ -52,6 +52,14 @@ class _PastState:
         self.attention_mask = attention_mask
         self.past = list(past)
         self.present = list(past)
+        self.cached_mask: torch.Tensor | None = None
+
+    def mask(self, queries, keys, dtype) -> torch.Tensor:
+        """The key mask, built by the first layer and read by every other (every layer of one call
+        has the same queries and the same past length)."""
+        if self.cached_mask is None:
+            self.cached_mask = key_mask(self.attention_mask, queries, keys, dtype)
+        return self.cached_mask
 
 
 def key_mask(attention_mask: torch.Tensor, queries: int, keys: int, dtype: torch.dtype) -> torch.Tensor:
@@ -82,7 +90,7 @@ def _past_attention(module, query, key, value, attention_mask, scaling=None, dro
     groups = query.shape[1] // keys.shape[1]
     if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads (HF's repeat_kv)
         keys, values = (_repeat_heads(t, groups) for t in (keys, values))
-    mask = key_mask(call.attention_mask, query.shape[2], keys.shape[2], query.dtype)
+    mask = call.mask(query.shape[2], keys.shape[2], query.dtype)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
     out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous(), None
@@ -160,9 +168,9 @@ def capture_causal_lm(model: torch.nn.Module) -> "CausalLM":
     positions = positions_from_mask(mask, past)
     cache_shape = (batch, geo["num_kv_heads"], past, geo["head_dim"])
     state = [torch.zeros(cache_shape, dtype=dtype) for _ in range(2 * geo["num_layers"])]
-    auto = Dim.AUTO  # every size its own symbol; a named Dim trips over a transformers guard (S != P + S)
-    dynamic = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
-               "position_ids": {0: auto, 1: auto}, "past": [{0: auto, 2: auto}] * len(state)}
+    b, s, t, p = Dim("batch"), Dim("sequence"), Dim("total"), Dim("past")
+    dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
+               "past": [{0: b, 2: p}] * len(state)}
     with _with_past_mode(model):
         try:
             ep = torch.export.export(_WithPast(model), (ids, mask, positions, state), dynamic_shapes=dynamic,
@@ -173,17 +181,32 @@ def capture_causal_lm(model: torch.nn.Module) -> "CausalLM":
                                f"{type(exc).__name__}: {reason}") from exc
     names = ["input_ids", "attention_mask", "position_ids"] + past_names(geo["num_layers"])
     gm = flat_module(ep.module(), [n.replace(".", "_") for n in names])
+    _unwrap_module_paths(gm)
     leaves = [ids, mask, positions, *state]
     _, in_spec = pytree.tree_flatten((tuple(leaves), {}))
     shapes = [(None, None)] * 3 + [(None, cache_shape[1], None, cache_shape[3])] * len(state)
     signature = Signature(names, [t.dtype for t in leaves], shapes, in_spec, None)
+    generation = getattr(model, "generation_config", None)
     meta = {"source": type(model).__name__, "config": _config_dict(model),
+            "generation_config": generation.to_dict() if generation is not None else {},
             "causal_lm": {**geo, "dtype": str(dtype).replace("torch.", ""),
                           "outputs": ["logits"] + present_names(geo["num_layers"])},
             "example_inputs": (tuple(leaves), {}),
             "dynamic_shapes": {"input_ids": [0, 1], "attention_mask": [0, 1], "position_ids": [0, 1],
                                **{n.replace(".", "_"): [0, 2] for n in names[3:]}}}
     return CausalLM("fx", gm, signature, meta)
+
+
+def _unwrap_module_paths(gm: torch.fx.GraphModule) -> None:
+    """Module paths as in the user's model: ``lm_head``, ``model.layers.0.mlp`` (``targets`` /
+    ``ignore`` patterns and reports read them), not under the capture wrapper's ``model.``."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if not stack:
+            continue
+        # "" is the wrapper itself, "model" the user's model (the root), "model.x" its submodule x
+        node.meta["nn_module_stack"] = {key: (path[len("model."):], cls) if path != "model" else ("", cls)
+                                        for key, (path, cls) in stack.items() if path}
 
 
 class CausalLM(Graph):
@@ -198,6 +221,26 @@ class CausalLM(Graph):
 
     def __call__(self, *args, **kwargs):
         return tuple(self.run_flat(self.batch_leaves((args, kwargs))))
+
+    def refresh_signature(self) -> None:
+        """Cache shapes (signature, example inputs, head counts) from the past placeholders'
+        metadata, after a pass resized them (PruneHeads removes whole KV groups)."""
+        placeholders = [n for n in self.fx.graph.nodes if n.op == "placeholder"]
+        shapes = list(self.signature.shapes)
+        leaves = list(self.meta["example_inputs"][0])
+        for i, node in enumerate(placeholders[3:], start=3):
+            heads = int(node.meta["val"].shape[1])
+            shapes[i] = (None, heads, None, shapes[i][3])
+            leaves[i] = leaves[i].new_zeros((leaves[i].shape[0], heads, *leaves[i].shape[2:]))
+        self.signature.shapes = shapes
+        self.meta["example_inputs"] = (tuple(leaves), {})
+        kv_heads = sorted({s[1] for s in shapes[3:]})
+        decoder = self.meta["causal_lm"]
+        if len(kv_heads) == 1 and kv_heads[0] != decoder["num_kv_heads"]:
+            groups = decoder["num_heads"] // decoder["num_kv_heads"]
+            self.meta["causal_lm"] = {**decoder, "num_kv_heads": kv_heads[0], "num_heads": kv_heads[0] * groups}
+        elif len(kv_heads) > 1:
+            self.meta["causal_lm"] = {**decoder, "kv_heads_per_layer": [s[1] for s in shapes[3::2]]}
 
     def run_batch(self, batch: Any) -> list[torch.Tensor]:
         """The logits of one batch: what verification compares. The presents are left out: an
@@ -228,3 +271,47 @@ class CausalLM(Graph):
 
 def _is_call(batch) -> bool:
     return isinstance(batch, tuple) and len(batch) == 2 and isinstance(batch[0], tuple) and isinstance(batch[1], dict)
+
+
+def without_unread_caches(graph: CausalLM) -> CausalLM:
+    """``graph``, or a copy without the past inputs and present outputs of layers whose attention
+    no longer reads its cache (``DropLayers`` bypassed it): a present whose only reader is the
+    graph output. The remaining caches are numbered 0, 1, ... in layer order, as GenAI expects;
+    ``meta["causal_lm"]["cache_layers"]`` keeps the model layer of each."""
+    gm = graph.fx
+    out_node = gm.graph.output_node()
+    outputs = list(out_node.args[0])
+    layers = graph.meta["causal_lm"]["num_layers"]
+    unread = [i for i in range(layers) if all(set(p.users) == {out_node} for p in outputs[1 + 2 * i: 3 + 2 * i])]
+    if not unread:
+        return graph
+    out = graph.copy()
+    gm = out.fx
+    out_node = gm.graph.output_node()
+    outputs = list(out_node.args[0])
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    kept = [i for i in range(layers) if i not in unread]
+    out_node.args = ((outputs[0], *[outputs[1 + 2 * i + j] for i in kept for j in (0, 1)]),)
+    gm.graph.eliminate_dead_code()
+    keep_inputs = list(range(3)) + [3 + 2 * i + j for i in kept for j in (0, 1)]
+    for index, node in enumerate(placeholders):
+        if index not in keep_inputs:
+            if node.users:
+                raise CaptureError(f"the cache input {node.name} is still read after its layer's attention was removed")
+            gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    sig = out.signature
+    leaves = [out.meta["example_inputs"][0][i] for i in keep_inputs]
+    _, in_spec = pytree.tree_flatten((tuple(leaves), {}))
+    out.signature = Signature(["input_ids", "attention_mask", "position_ids"] + past_names(len(kept)),
+                              [sig.dtypes[i] for i in keep_inputs], [sig.shapes[i] for i in keep_inputs], in_spec, None)
+    out.meta["example_inputs"] = (tuple(leaves), {})
+    kept_names = {placeholders[i].name for i in keep_inputs}
+    out.meta["dynamic_shapes"] = {k: v for k, v in out.meta["dynamic_shapes"].items() if k in kept_names}
+    decoder = out.meta["causal_lm"]
+    model_layers = decoder.get("cache_layers") or list(range(layers))
+    out.meta["causal_lm"] = {**decoder, "num_layers": len(kept), "cache_layers": [model_layers[i] for i in kept],
+                             "outputs": ["logits"] + present_names(len(kept))}
+    return out
+

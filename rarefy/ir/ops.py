@@ -44,6 +44,22 @@ def _matmul_nbits_fake(x, qweight, scales, zero_points, bias, K, N, bits, block_
     return x.new_empty((*x.shape[:-1], N))
 
 
+# rarefy::embedding_nbits(ids, qweight, scales, zero_points, K, N, bits, block_size): the rows
+# ``ids`` of a [N, K] table stored in matmul_nbits' layout (a tied LM head and embedding share it);
+# lowered to com.microsoft::GatherBlockQuantized, which reads MatMulNBits' packing.
+@torch.library.custom_op("rarefy::embedding_nbits", mutates_args=())
+def embedding_nbits(ids: Tensor, qweight: Tensor, scales: Tensor, zero_points: Optional[Tensor], K: int, N: int,
+                    bits: int, block_size: int) -> Tensor:
+    from rarefy.kernels.matmul_nbits import embedding_nbits_reference
+
+    return embedding_nbits_reference(ids, qweight, scales, zero_points, K, N, bits, block_size)
+
+
+@embedding_nbits.register_fake
+def _embedding_nbits_fake(ids, qweight, scales, zero_points, K, N, bits, block_size):
+    return scales.new_empty((*ids.shape, K))
+
+
 def is_rarefy_op(target) -> bool:
     """True for a call target in the rarefy dialect (any overload of torch.ops.rarefy.*)."""
     return getattr(target, "namespace", None) == "rarefy"

@@ -283,8 +283,12 @@ class _Unsupported(Exception):
 
 
 # -- building the slot graph ---------------------------------------------------------------------------
-def slot_graph(gm: torch.fx.GraphModule) -> nx.Graph:
-    """The networkx graph of slots; node attributes: size, and ``blocked`` / ``reduced`` reasons."""
+def slot_graph(gm: torch.fx.GraphModule, resizable: dict[str, set[int]] | None = None) -> nx.Graph:
+    """The networkx graph of slots; node attributes: size, and ``blocked`` / ``reduced`` reasons.
+
+    Graph inputs and outputs are blocked, except the dims ``resizable`` names per node (a
+    decoder's past and present k/v along their head dim: pruning heads shrinks the cache)."""
+    resizable = resizable or {}
     g = nx.Graph()
     for node in gm.graph.nodes:
         shape = _shape(node)
@@ -293,11 +297,11 @@ def slot_graph(gm: torch.fx.GraphModule) -> nx.Graph:
                 g.add_node((node.name, d), size=size)
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            _mark(g, node, "blocked", f"reaches the graph input {node.name}")
+            _mark(g, node, "blocked", f"reaches the graph input {node.name}", resizable.get(node.name))
         elif node.op == "output":
             for arg in torch.utils._pytree.tree_leaves(node.args):
                 if isinstance(arg, torch.fx.Node):
-                    _mark(g, arg, "blocked", f"reaches the graph output ({arg.name})")
+                    _mark(g, arg, "blocked", f"reaches the graph output ({arg.name})", resizable.get(arg.name))
         elif node.op == "call_function" and node.target not in _IGNORED and _shape(node) is not None:
             _couple(g, node)
         elif node.op == "call_function" and node.target is operator.getitem and _shape(node) is not None:
@@ -328,15 +332,16 @@ def _couple(g: nx.Graph, node: torch.fx.Node) -> None:
             g.nodes[(x.name, d % rank)]["reduced"] = f"normalised over by {node.name} ({node.target})"
 
 
-def _mark(g: nx.Graph, node: torch.fx.Node, key: str, reason: str) -> None:
+def _mark(g: nx.Graph, node: torch.fx.Node, key: str, reason: str, exempt: set[int] | None = None) -> None:
     for d in range(len(_shape(node) or ())):
-        g.nodes[(node.name, d)].setdefault(key, reason)
+        if d not in (exempt or ()):
+            g.nodes[(node.name, d)].setdefault(key, reason)
 
 
 def dependency_groups(graph, include_unparameterised: bool = False) -> list[DependencyGroup]:
     """The channel-dependency groups of an FX-dialect graph (those that touch a weight, by default)."""
     gm = graph.fx
-    g = slot_graph(gm)
+    g = slot_graph(gm, _cache_head_dims(graph))
     by_name = {n.name: n for n in gm.graph.nodes}
     block_of = _block_by_attr(graph)
     groups = []
@@ -351,6 +356,16 @@ def dependency_groups(graph, include_unparameterised: bool = False) -> list[Depe
             continue
         groups.append(_describe(len(groups), slots, params, g, by_name, block_of))
     return groups
+
+
+def _cache_head_dims(graph) -> dict[str, set[int]]:
+    """A decoder-with-past graph's cache inputs and outputs, resizable along the head dim (1)."""
+    if "causal_lm" not in graph.meta:
+        return {}
+    gm = graph.fx
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"][3:]
+    presents = list(gm.graph.output_node().args[0])[1:]
+    return {n.name: {1} for n in placeholders + presents if isinstance(n, torch.fx.Node)}
 
 
 def _describe(index, slots, params, g, by_name, block_of) -> DependencyGroup:

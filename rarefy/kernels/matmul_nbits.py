@@ -154,6 +154,15 @@ def dequantize_nbits(qweight, scales, zero_points, K: int, N: int, bits: int, bl
     return (codes.float() - zp) * scale
 
 
+def embedding_nbits_reference(ids, qweight, scales, zero_points, K: int, N: int, bits: int, block_size: int):
+    """Rows ``ids`` of the [N, K] table a MatMulNBits layout encodes: ``[*ids.shape, K]`` in scales' dtype.
+    Only the gathered rows are dequantized."""
+    flat = ids.reshape(-1)
+    rows = dequantize_nbits(qweight[flat], scales[flat], None if zero_points is None else zero_points[flat],
+                            K, flat.numel(), bits, block_size)
+    return rows.to(scales.dtype).reshape(*ids.shape, K)
+
+
 def matmul_nbits_reference(x, qweight, scales, zero_points, bias, K: int, N: int, bits: int, block_size: int):
     """Pure-torch ``x @ dequant(W).T + bias`` in fp32, returned in x.dtype."""
     _check(x, qweight, scales, zero_points, bias, K, N, bits, block_size)

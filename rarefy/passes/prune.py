@@ -37,6 +37,7 @@ import torch
 
 from ..ir.calibration import run_lockstep
 from ..ir.errors import UnsupportedError
+from ..ir.causal_lm import CausalLM
 from ..ir.fx_utils import add_tensor, get_attr_node, get_tensor, resize_meta, set_tensor
 from ..ir.onnx_structure import onnx_dependency_groups
 from ..ir.structure import SHAPE_ARG_OPS, DependencyGroup, dependency_groups
@@ -132,6 +133,8 @@ class _PruneStructure(Pass):
             which = removed if len(removed) <= 16 else f"{len(removed)}"
             notes.append(f"{block}: removed {self.unit_name} {which} of {group.units} (lowest {self.method} scores)")
             self._record(graph, block, group, len(keep))
+        if isinstance(graph, CausalLM):  # its cache tensors lost heads with the k/v projections
+            graph.refresh_signature()
         return PassResult(graph, True, stats, notes, details)
 
     def _record(self, graph, block: str, group: DependencyGroup, kept: int) -> None:

@@ -225,6 +225,29 @@ def _rewrite_fx(graph, site, p: QuantizeWeights, precomputed) -> None:
     new.meta = dict(node.meta)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
+    _tie_embeddings(gm, weight, targets, p.bits, block)
+
+
+def _tie_embeddings(gm, weight: torch.Tensor, targets: dict, bits: int, block: int) -> int:
+    """Embedding lookups of the tensor a linear just quantized (a tied LM head) read the same
+    packed codes: ``rarefy::embedding_nbits`` over the linear's qweight / scales / zero points,
+    so the table is stored once and the fp32 copy goes. Returns the lookups rewritten."""
+    tied = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.embedding.default:
+            continue
+        table = node.args[0]
+        if table.op != "get_attr" or get_tensor(gm, table.target) is not weight:
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.rarefy.embedding_nbits.default, (
+                node.args[1], get_attr_node(gm, node, targets["qweight"]), get_attr_node(gm, node, targets["scales"]),
+                get_attr_node(gm, node, targets["zero_points"]), weight.shape[1], weight.shape[0], bits, block))
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        tied += 1
+    return tied
 
 
 def _rewrite_onnx(graph, site, p: QuantizeWeights, precomputed) -> None:
