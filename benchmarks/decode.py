@@ -577,6 +577,19 @@ def summarize(row: dict, runs: dict) -> None:
             "load_average": [r.get("load_average") for r in ok], "tokens": ok[-1]["tokens"]}
 
 
+def finish(result: dict) -> None:
+    """Greedy agreement with transformers fp32 (1 thread) and the load-average range, from the rows."""
+    loads = []
+    for m in result["models"].values():
+        reference = m["rows"].get("transformers fp32", {}).get("speed", {}).get("1", {}).get("tokens")
+        for entry in m["rows"].values():
+            tokens = entry.get("speed", {}).get("1", {}).get("tokens")
+            if reference and tokens:
+                entry["agreement"] = common_prefix(reference, tokens)
+            loads += [x for s in entry.get("speed", {}).values() for x in s.get("load_average", []) if x]
+    result["load_average_range"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
+
+
 def markdown(result: dict) -> str:
     bw = result.get("bandwidth_gb_s")
     lines = ["# Decoding: rarefy's decoder artifacts vs the runtimes users pick", "",
@@ -590,7 +603,8 @@ def markdown(result: dict) -> str:
         def f(v, spec):
             return format(v, spec) if isinstance(v, (int, float)) else "-"
 
-        for name, row in m["rows"].items():
+        order = [r["name"] for r in rows_for(model)]
+        for name, row in sorted(m["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
             s1, s2 = row.get("speed", {}).get("1", {}), row.get("speed", {}).get("2", {})
             bound = bw * 1e3 / row["weights_read_per_token_mb"] if bw and row.get("weights_read_per_token_mb") else None
             err = s1.get("error") or s2.get("error") or row.get("ppl_error")
@@ -600,8 +614,63 @@ def markdown(result: dict) -> str:
                          f"{f(s1.get('peak_rss_mb'), '.0f')} | {f(s2.get('decode_tok_s'), '.1f')} | "
                          f"{f(s2.get('prefill_ms'), '.0f')} | {f(row.get('ppl'), '.2f')} | "
                          f"{f(row.get('agreement'), 'd')}{' (error: ' + err + ')' if err else ''} |")
-        lines.append("")
+        lines += [""] + targets(m) + [""]
+    lines += MISSING
     return "\n".join(lines) + "\n"
+
+
+MISSING = [
+    "## Not measured in this run, and why",
+    "",
+    "* **The Llama-3.2-1B-shaped rows.** Its random-weight fp32 folder (4.7 GB) took 357 s to write and ORT "
+    "GenAI's builder made its int4 b32 folder (742 MB) in 474 s, but no rarefy artifact of it was made: on this "
+    "shared 2-core machine (load average 4-7 throughout) `rf.capture_causal_lm` + `rf.export_decoder` took 357 s "
+    "for SmolLM2 fp32 and 434-577 s per SmolLM2 int4 artifact, and a timed 1B fp32 run (about 5 GB read per "
+    "token, ~1 tok/s at 1 thread) costs minutes per row per round; the rarefy-vs-builder comparison the rows are "
+    "for did not fit the session. A smaller shape would cost the same export time per artifact. "
+    "`python benchmarks/decode.py --model llama1b` builds and measures them.",
+    "* **GPTQ rows.** A first GPTQ build at 32 x 512 calibration tokens spent over 15 minutes calibrating the "
+    "first group size and was stopped; its replacement (8 x 512) died without a traceback (killed by a signal); "
+    "see the GPTQ row(s) above for what was measured.",
+    "* **Embedding / head variants** (int4 / int8 / fp32 head, an int4 GatherBlockQuantized embedding): not "
+    "measured; every rarefy int4 row is QuantizeWeights' default (int4 head, a second fp32 copy of the tied table "
+    "for the embedding Gather: 190-198 MB files of which 76-84 MB are read per token, vs the builder's 78-87 MB "
+    "with the int4 table shared).",
+    "* **2-thread columns**: one round only (1-thread columns: median of 3 rounds), with the machine loaded.",
+]
+
+
+def targets(m: dict) -> list[str]:
+    """The issue's targets, from the 1-thread medians: each ratio with its two numbers."""
+    rows = m["rows"]
+
+    def tok(name):
+        return rows.get(name, {}).get("speed", {}).get("1", {}).get("decode_tok_s")
+
+    out = ["| target (1 thread) | rarefy row | vs | ratio | ppl rarefy / other | met |", "|---|---|---|---|---|---|"]
+    for g in GROUPS:
+        best = [n for n in rows if n.startswith("rarefy int4") and f" g{g} " in n and tok(n)]
+        if not best or not tok(f"builder int4 b{g}"):
+            continue
+        fast = max(best, key=tok)
+        good = min(best, key=lambda n: rows[n].get("ppl", 1e9))
+        for label, name in (("fastest", fast), ("lowest ppl", good)):
+            ratio = tok(name) / tok(f"builder int4 b{g}")
+            ppl, other = rows[name].get("ppl"), rows[f"builder int4 b{g}"].get("ppl")
+            met = ratio >= 1.0 and ppl is not None and other is not None and ppl < other
+            out.append(f"| >= 1.0x builder int4 b{g} tok/s, lower ppl ({label}) | {name} | builder int4 b{g} | "
+                       f"{ratio:.2f}x | {ppl or 0:.2f} / {other or 0:.2f} | {'yes' if met else 'no'} |")
+    q4 = tok("llama.cpp Q4_0")
+    fastest = max((n for n in rows if n.startswith("rarefy int4") and tok(n)), key=tok, default=None)
+    if q4 and fastest:
+        ratio = tok(fastest) / q4
+        out.append(f"| >= 0.9x llama.cpp Q4_0 tok/s | {fastest} | llama.cpp Q4_0 | {ratio:.2f}x | "
+                   f"{rows[fastest].get('ppl') or 0:.2f} / {rows['llama.cpp Q4_0'].get('ppl') or 0:.2f} | "
+                   f"{'yes' if ratio >= 0.9 else 'no'} |")
+    if fastest and tok("rarefy fp32"):
+        out.append(f"| int4 vs rarefy fp32 tok/s (the issue asks >= 3x on the 1B shape) | {fastest} | rarefy fp32 | "
+                   f"{tok(fastest) / tok('rarefy fp32'):.2f}x | - | - |")
+    return out
 
 
 def main() -> None:
@@ -632,11 +701,12 @@ def main() -> None:
         target.update({k: v for k, v in model.items() if k != "rows"})
         for name, row in model["rows"].items():  # by key: a ppl run and a speed run may overlap
             target["rows"].setdefault(name, {}).update(row)
+        finish(now)
         out.write_text(json.dumps(now, indent=1))
         out.with_suffix(".md").write_text(markdown(now))
     if args.part in ("build", "all"):
         model.setdefault("build", {}).update(build(args.model, rows, args.quick))
-    windows = eval_windows(args.quick)
+    windows = eval_windows(args.quick) if args.part in ("ppl", "speed", "all") else []
     for row in rows:
         entry = model["rows"].setdefault(row["name"], {})
         entry.update({k: row[k] for k in ("runtime", "weights") if k in row})
@@ -667,13 +737,6 @@ def main() -> None:
                     print(round_, threads, row["name"], {k: v for k, v in r.items() if k != "tokens"}, flush=True)
                     summarize(model["rows"][row["name"]], runs[row["name"]])
                 save()
-        loads = [r["load_average"] for v in runs.values() for rs in v.values() for r in rs]
-        result["load_average_range"] = f"{min(loads):.1f}-{max(loads):.1f}" if loads else "?"
-        reference = model["rows"].get("transformers fp32", {}).get("speed", {}).get("1", {}).get("tokens")
-        for entry in model["rows"].values():
-            tokens = entry.get("speed", {}).get("1", {}).get("tokens")
-            if reference and tokens:
-                entry["agreement"] = common_prefix(reference, tokens)
         model.update({"prompt_tokens": len(prompt[0]), "new_tokens": args.new})
     save()
 
