@@ -82,9 +82,16 @@ def rows_for(model: str) -> list[dict]:
     for method in methods:
         for g in GROUPS if model == "smollm2" else (32,):
             for acc in (0, 4):
+                weights = f"int4 g{g}, head int4 + fp32 embedding copy" if method == "rtn" else \
+                    f"int4 g{g}, head + embedding int4 (one table)"
                 rows.append({"name": f"rarefy int4 {method.upper()} g{g} acc{acc}", "runtime": "genai",
-                             "path": str(d / f"rarefy_{method}_g{g}_acc{acc}"), "weights": f"int4 g{g}",
+                             "path": str(d / f"rarefy_{method}_g{g}_acc{acc}"), "weights": weights,
                              "method": method, "group": g, "accuracy_level": acc})
+    for acc in (0, 4):  # the same RTN g32 from rarefy at e943010: the tied table int4, stored once
+        rows.append({"name": f"rarefy int4 RTN g32 acc{acc} (int4 embedding)", "runtime": "genai",
+                     "path": str(d / f"rarefy_rtn_emb4_g32_acc{acc}"), "base": str(d / "rarefy_rtn_emb4_g32_acc0"),
+                     "weights": "int4 g32, head + embedding int4 (one table)", "method": "rtn", "group": 32,
+                     "accuracy_level": acc})
     for g in GROUPS if model == "smollm2" else (32,):
         rows.append({"name": f"builder int4 b{g}", "runtime": "genai", "path": str(d / f"builder_int4_b{g}"),
                      "weights": f"int4 b{g}", "group": g, "accuracy_level": 4})
@@ -187,7 +194,7 @@ def build(model: str, rows: list[dict], quick: bool) -> dict:
             if "method" not in row:
                 rf.export_decoder(graph, path, tokenizer=tok, generation_config=net.generation_config)
             else:
-                base = path.with_name(f"rarefy_{row['method']}_g{row['group']}_acc0")
+                base = Path(row.get("base") or path.with_name(f"rarefy_{row['method']}_g{row['group']}_acc0"))
                 if not base.exists():
                     q = rf.optimize(graph, [rf.passes.QuantizeWeights(bits=4, group_size=row["group"],
                                                                       method=row["method"])],
@@ -605,6 +612,8 @@ def markdown(result: dict) -> str:
 
         order = [r["name"] for r in rows_for(model)]
         for name, row in sorted(m["rows"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
+            if "artifact_mb" not in row:
+                continue  # not built (see below)
             s1, s2 = row.get("speed", {}).get("1", {}), row.get("speed", {}).get("2", {})
             bound = bw * 1e3 / row["weights_read_per_token_mb"] if bw and row.get("weights_read_per_token_mb") else None
             err = s1.get("error") or s2.get("error") or row.get("ppl_error")
@@ -629,14 +638,18 @@ MISSING = [
     "token, ~1 tok/s at 1 thread) costs minutes per row per round; the rarefy-vs-builder comparison the rows are "
     "for did not fit the session. A smaller shape would cost the same export time per artifact. "
     "`python benchmarks/decode.py --model llama1b` builds and measures them.",
-    "* **GPTQ rows.** A first GPTQ build at 32 x 512 calibration tokens spent over 15 minutes calibrating the "
-    "first group size and was stopped; its replacement (8 x 512) died without a traceback (killed by a signal); "
-    "see the GPTQ row(s) above for what was measured.",
-    "* **Embedding / head variants** (int4 / int8 / fp32 head, an int4 GatherBlockQuantized embedding): not "
-    "measured; every rarefy int4 row is QuantizeWeights' default (int4 head, a second fp32 copy of the tied table "
-    "for the embedding Gather: 190-198 MB files of which 76-84 MB are read per token, vs the builder's 78-87 MB "
-    "with the int4 table shared).",
-    "* **2-thread columns**: one round only (1-thread columns: median of 3 rounds), with the machine loaded.",
+    "* **GPTQ g64 / g128.** GPTQ at 8 x 512 calibration tokens took 1923 s for g32 on this machine (calibration, "
+    "solve and export); a first attempt at 32 x 512 spent over 15 minutes calibrating before it was stopped; g64 "
+    "and g128 were stopped unfinished when the session ran out. Only GPTQ g32 is measured, in a later set of "
+    "rounds than the main table (2 rounds, 1 thread, right after it).",
+    "* **rarefy changed during the session.** The RTN rows were built (16:49-17:26) before rarefy commit e943010, "
+    "when QuantizeWeights quantized the tied head into a second copy beside the fp32 embedding; GPTQ g32 and the "
+    "'(int4 embedding)' RTN rows were built after it, where the tied table is int4 once (head MatMulNBits + "
+    "GatherBlockQuantized over the same codes). Sizes say which is which.",
+    "* **Embedding / head variants** (int8 / fp32 head): not measured.",
+    "* **2-thread columns.** Not measured: a 2-thread round started after the three 1-thread rounds; its first "
+    "run (transformers fp32 on cores 0-1, beside another engineer's tests) had not finished after 3.5 minutes and "
+    "the round was stopped for time. `--threads 2` runs them.",
 ]
 
 
