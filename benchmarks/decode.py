@@ -629,6 +629,14 @@ def markdown(result: dict) -> str:
 
 
 MISSING = [
+    "**Caveat on the targets table.** The GPTQ and '(int4 embedding)' rows were timed in later rounds than the "
+    "builder and llama.cpp rows, at another machine load, so ratios that involve them are not evidence either way "
+    "(the table picks the fastest row automatically). Within the main table's three interleaved rounds the rarefy "
+    "int4 rows (RTN, fp32 embedding copy) ran 11.9 tok/s at g32 acc4 = 0.55x builder int4 b32 (21.7) and 0.65x "
+    "llama.cpp Q4_0 (18.2); the fastest, g128 acc4 at 14.9, = 0.69x builder b128 and 0.82x Q4_0. accuracy_level 4 "
+    "was 1.6-2.3x faster than 0 for +0.1-0.3 ppl. Perplexity: rarefy RTN g32 equals the builder's b32 (32.22 both, "
+    "the same symmetric RTN); pydoc-calibrated GPTQ g32 is worse than RTN (36.17) on the Bible.",
+    "",
     "## Not measured in this run, and why",
     "",
     "* **The Llama-3.2-1B-shaped rows.** Its random-weight fp32 folder (4.7 GB) took 357 s to write and ORT "
@@ -641,7 +649,8 @@ MISSING = [
     "* **GPTQ g64 / g128.** GPTQ at 8 x 512 calibration tokens took 1923 s for g32 on this machine (calibration, "
     "solve and export); a first attempt at 32 x 512 spent over 15 minutes calibrating before it was stopped; g64 "
     "and g128 were stopped unfinished when the session ran out. Only GPTQ g32 is measured, in a later set of "
-    "rounds than the main table (2 rounds, 1 thread, right after it).",
+    "rounds than the main table (2 rounds, 1 thread, right after it), as are the two '(int4 embedding)' RTN "
+    "rows (2 rounds after that; their second round ran at a lower load: 33 vs 16 tok/s for acc4, see decode.json).",
     "* **rarefy changed during the session.** The RTN rows were built (16:49-17:26) before rarefy commit e943010, "
     "when QuantizeWeights quantized the tied head into a second copy beside the fp32 embedding; GPTQ g32 and the "
     "'(int4 embedding)' RTN rows were built after it, where the tied table is int4 once (head MatMulNBits + "
