@@ -140,6 +140,9 @@ def export_decoder(graph: CausalLM, out_dir, tokenizer: Any = None, generation_c
     proto = decoder_proto(graph)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the folder gets ordinary permissions
     try:
         _save_model(proto, tmp, external_data_bytes)
         if check:

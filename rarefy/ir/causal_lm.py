@@ -13,8 +13,8 @@ are never read, and each row's real tokens behave as that prompt run alone.
 
 How: the model runs with ``use_cache=False`` and a registered attention implementation
 (``transformers.AttentionInterface``) that receives each layer's post-RoPE q/k/v, appends
-k/v to that layer's past (the present) and attends with the mask above through
-``scaled_dot_product_attention``. Everything is plain aten, so every pass that runs on a
+k/v to that layer's past (the present) and attends with the mask above (grouped-query heads
+by broadcasting, :func:`grouped_attention`). Everything is plain aten, so every pass that runs on a
 ``rf.capture`` graph runs on this one: its sites have the same names, and calibration and
 verification feed it ordinary ``{input_ids, attention_mask}`` batches, completed with
 position ids from the mask and an empty past (:meth:`CausalLM.batch_leaves`). The graph
@@ -87,18 +87,25 @@ def _past_attention(module, query, key, value, attention_mask, scaling=None, dro
     keys = torch.cat([call.past[2 * i], key], dim=2)
     values = torch.cat([call.past[2 * i + 1], value], dim=2)
     call.present[2 * i], call.present[2 * i + 1] = keys, values
-    groups = query.shape[1] // keys.shape[1]
-    if groups > 1:  # grouped-query attention: each kv head serves `groups` query heads (HF's repeat_kv)
-        keys, values = (_repeat_heads(t, groups) for t in (keys, values))
     mask = call.mask(query.shape[2], keys.shape[2], query.dtype)
     scale = float(scaling if scaling is not None else query.shape[-1] ** -0.5)
-    out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale)
-    return out.transpose(1, 2).contiguous(), None
+    return grouped_attention(query, keys, values, mask, scale).transpose(1, 2).contiguous(), None
 
 
-def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:
-    b, heads, length, dim = t.shape
-    return t[:, :, None].expand(b, heads, groups, length, dim).reshape(b, heads * groups, length, dim)
+def grouped_attention(query, keys, values, mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale + mask) v with grouped-query heads, [B, H, S, D] out.
+
+    Query head ``h`` reads kv head ``h // groups`` (HF's ``repeat_kv`` order). The queries are
+    viewed as [B, H_kv, groups, S, D] and every group multiplies the same [B, H_kv, 1, L, D]
+    keys by broadcasting, instead of copying the cache ``groups`` times: in a decode step the
+    copy (``Expand``) and its transpose cost ONNX Runtime more than the attention itself.
+    """
+    b, heads, length, dim = query.shape
+    kv_heads = keys.shape[1]
+    q = query.reshape(b, kv_heads, heads // kv_heads, length, dim)
+    scores = torch.matmul(q, keys.unsqueeze(2).transpose(-1, -2)) * scale + mask.unsqueeze(2)
+    out = torch.matmul(torch.softmax(scores, dim=-1), values.unsqueeze(2))
+    return out.reshape(b, heads, length, dim)
 
 
 def _register_attention() -> None:
