@@ -22,7 +22,6 @@ at P = 0 *is* the full-sequence forward; the same graph, exported, is the artifa
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -30,7 +29,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from .capture import _config_dict
-from .decoder import decoder_geometry, flat_module
+from .decoder import attention_mode, decoder_geometry, flat_module
 from .errors import CaptureError, InputMismatchError
 from .graph import Graph
 from .signature import Signature, split_inputs
@@ -130,21 +129,6 @@ class _WithPast(torch.nn.Module):
         return (logits, *call.present)
 
 
-@contextlib.contextmanager
-def _with_past_mode(model):
-    config = model.config
-    was_training, old_impl, old_use_cache = model.training, config._attn_implementation, config.use_cache
-    model.eval()
-    config._attn_implementation = ATTN_IMPLEMENTATION
-    config.use_cache = False
-    try:
-        yield
-    finally:
-        model.train(was_training)
-        config._attn_implementation = old_impl
-        config.use_cache = old_use_cache
-
-
 def positions_from_mask(attention_mask: torch.Tensor, past: int = 0) -> torch.Tensor:
     """Position ids [B, S] of the last S = total - past tokens: the count of real tokens before
     each one (ONNX Runtime GenAI's rule), 0 on padding."""
@@ -178,7 +162,7 @@ def capture_causal_lm(model: torch.nn.Module) -> "CausalLM":
     b, s, t, p = Dim("batch"), Dim("sequence"), Dim("total"), Dim("past")
     dynamic = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: t}, "position_ids": {0: b, 1: s},
                "past": [{0: b, 2: p}] * len(state)}
-    with _with_past_mode(model):
+    with attention_mode(model, ATTN_IMPLEMENTATION):
         try:
             ep = torch.export.export(_WithPast(model), (ids, mask, positions, state), dynamic_shapes=dynamic,
                                      strict=False)

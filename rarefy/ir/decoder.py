@@ -87,11 +87,13 @@ class _Step(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def _step_mode(model):
+def attention_mode(model, implementation: str):
+    """Eval mode, HF caches off and attention through ``implementation`` (registered with
+    ``transformers.AttentionInterface``) while capturing; everything restored after."""
     config = model.config
     was_training, old_impl, old_use_cache = model.training, config._attn_implementation, config.use_cache
     model.eval()
-    config._attn_implementation = ATTN_IMPLEMENTATION
+    config._attn_implementation = implementation
     config.use_cache = False
     try:
         yield
@@ -135,7 +137,7 @@ def capture_decoder(model: torch.nn.Module, max_cache_len: int = 1024) -> "Decod
     cache_position = torch.arange(tokens)
     b, t = Dim("batch"), Dim("tokens", max=max_cache_len)
     dynamic = {"input_ids": {0: b, 1: t}, "cache_position": {0: t}, "state": [{0: b}] * len(state)}
-    with _step_mode(model):
+    with attention_mode(model, ATTN_IMPLEMENTATION):
         try:
             ep = torch.export.export(_Step(model), (ids, cache_position, state), dynamic_shapes=dynamic,
                                      strict=False)
